@@ -1,0 +1,78 @@
+"""Atomic file and directory writes: a reader never sees a half-written artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as indented, key-sorted JSON to `path` atomically."""
+    write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    """Write `payload` to `path` via a temp file in the same folder and `os.replace`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_dir(path: str | os.PathLike, fill: Callable[[Path], None], *, overwrite: bool) -> Path:
+    """Build a directory with `fill(tmp_dir)`, then move it into place at `path` in one step.
+
+    With `overwrite=False` an existing non-empty `path` is an error; with `True` it is
+    replaced only after the new directory is complete.
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True or --force")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_json(path: str | os.PathLike, *, what: str) -> Any:
+    """Read JSON, raising a `FileNotFoundError` that names what the file was expected to be."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: expected the {what} here")
+    return json.loads(path.read_text())

@@ -1,0 +1,223 @@
+"""Training corpus: every tuple rendered, shuffled across subjects, packed into blocks.
+
+Sentences are shuffled over the whole world (Behemoth section 4.4: nothing about one
+subject can be read from its neighbours) and packed greedily into blocks of `block_len`
+tokens. A block starts with `<|endoftext|>`, so every sentence is preceded by it as prompts
+are at analysis time; sentences are never split across blocks (a split tuple would never be
+seen whole, since the same corpus is replayed every epoch); the tail of a block is `<|pad|>`,
+role 'pad', which carries no loss. Token ids and per-token roles are stored as `.npy` files
+that load memory-mapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from behemoth_interp._io import read_json, write_dir, write_json
+from behemoth_interp.grammar import GRAMMAR, PAD_ROLE, get_template, render
+from behemoth_interp.tokenizer import WorldTokenizer
+from behemoth_interp.world import World, WorldConfig
+
+CORPUS_FORMAT = "behemoth-corpus/1"
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """How a world becomes a corpus: grammar mix (template -> weight), copies, block length."""
+
+    grammar_mix: tuple[tuple[str, float], ...] = (("paper", 1.0),)
+    copies: int = 1
+    block_len: int = 512
+    n_choices: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        mix = tuple((str(k), float(v)) for k, v in dict(self.grammar_mix).items())
+        object.__setattr__(self, "grammar_mix", mix)
+        if not mix:
+            raise ValueError("grammar_mix is empty: give at least one template, e.g. paper=1")
+        for name, weight in mix:
+            get_template(name)
+            if weight < 0:
+                raise ValueError(f"grammar_mix weight of {name!r} is negative ({weight})")
+        if sum(w for _, w in mix) <= 0:
+            raise ValueError("grammar_mix weights sum to zero: give some template a positive weight")
+        if self.copies < 1:
+            raise ValueError(f"copies must be at least 1, got {self.copies}")
+        if self.block_len < 16:
+            raise ValueError(f"block_len={self.block_len} is too short: blocks hold whole sentences")
+
+    @staticmethod
+    def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
+        """Parse 'paper=1,mcq=0.25' (a bare name means weight 1)."""
+        items = []
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            name, _, weight = item.partition("=")
+            items.append((name.strip(), float(weight) if weight else 1.0))
+        return tuple(items)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["grammar_mix"] = dict(self.grammar_mix)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CorpusConfig:
+        d = dict(d)
+        d["grammar_mix"] = tuple(dict(d.get("grammar_mix", {"paper": 1.0})).items())
+        return cls(**d)
+
+
+@dataclass
+class Corpus:
+    """Packed token blocks [block, pos] with their roles, and which sentence sits where.
+
+    `sentences` is a table with one row per sentence: subject, relation, object, template,
+    block, offset (position of its first token in the block) and length.
+    """
+
+    config: CorpusConfig
+    tokens: np.ndarray
+    roles: np.ndarray
+    sentences: pa.Table
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens that carry content (not padding)."""
+        return int(self.sentences.column("length").to_numpy().sum()) + self.n_blocks
+
+    @classmethod
+    def build(cls, world: World, tokenizer: WorldTokenizer, config: CorpusConfig) -> Corpus:
+        """Render, shuffle and pack every tuple of `world` `config.copies` times."""
+        rng = np.random.default_rng(config.seed)
+        facts = np.tile(world.facts(), (config.copies, 1))
+        names, weights = zip(*config.grammar_mix)
+        p = np.asarray(weights) / sum(weights)
+        template = np.asarray(names, dtype=object)[rng.choice(len(names), size=len(facts), p=p)]
+        order = rng.permutation(len(facts))
+        facts, template = facts[order], template[order]
+        sent = render(world, tokenizer, facts, template, n_choices=config.n_choices, seed=config.seed)
+        block, offset = _pack(sent.lengths, config.block_len - 1)
+        offset = offset + 1  # after the block's leading <|endoftext|>
+        n_blocks = int(block[-1]) + 1 if len(block) else 0
+        tokens = np.full((n_blocks, config.block_len), tokenizer.pad_id, dtype=_token_dtype(tokenizer))
+        roles = np.full((n_blocks, config.block_len), PAD_ROLE, dtype=np.uint8)
+        tokens[:, 0], roles[:, 0] = tokenizer.eot_id, GRAMMAR
+        valid = np.arange(sent.tokens.shape[1])[None, :] < sent.lengths[:, None]
+        dest = (block * config.block_len + offset)[:, None] + np.arange(sent.tokens.shape[1])[None, :]
+        tokens.reshape(-1)[dest[valid]] = sent.tokens[valid]
+        roles.reshape(-1)[dest[valid]] = sent.roles[valid]
+        table = pa.table(
+            {
+                "subject": facts[:, 0].astype(np.int32),
+                "relation": facts[:, 1].astype(np.int32),
+                "object": facts[:, 2].astype(np.int32),
+                "template": pa.array(template.tolist()).dictionary_encode(),
+                "block": block.astype(np.int32),
+                "offset": offset.astype(np.int32),
+                "length": sent.lengths.astype(np.int32),
+            }
+        )
+        return cls(config, tokens, roles, table)
+
+    def save(self, path: str | Path, world: World | None = None, *, overwrite: bool = False) -> Path:
+        """Write corpus.json, tokens.npy, roles.npy and sentences.parquet into directory `path`."""
+
+        def fill(tmp: Path) -> None:
+            np.save(tmp / "tokens.npy", self.tokens)
+            np.save(tmp / "roles.npy", self.roles)
+            pq.write_table(self.sentences, tmp / "sentences.parquet", compression="zstd")
+            meta = {"format": CORPUS_FORMAT, "config": self.config.to_dict(),
+                    "n_blocks": self.n_blocks, "n_tokens": self.n_tokens,
+                    "n_sentences": self.sentences.num_rows}  # fmt: skip
+            if world is not None:
+                meta["world"] = world.config.to_dict()
+            write_json(tmp / "corpus.json", meta)
+
+        return write_dir(path, fill, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, *, mmap: bool = True) -> Corpus:
+        """Read a corpus directory; token and role arrays are memory-mapped unless `mmap=False`."""
+        path = Path(path)
+        meta = read_json(path / "corpus.json", what="corpus description (corpus.json)")
+        if meta.get("format") != CORPUS_FORMAT:
+            raise ValueError(f"{path}/corpus.json has format {meta.get('format')!r}, expected {CORPUS_FORMAT!r}")
+        mode = "r" if mmap else None
+        return cls(
+            CorpusConfig.from_dict(meta["config"]),
+            np.load(path / "tokens.npy", mmap_mode=mode),
+            np.load(path / "roles.npy", mmap_mode=mode),
+            pq.read_table(path / "sentences.parquet"),
+        )
+
+
+def _token_dtype(tokenizer: WorldTokenizer) -> type:
+    return np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
+
+
+def _pack(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy first-fit in order: (block, offset) of each sentence, none split across blocks.
+
+    One step per block (a binary search on the running length), not per sentence or token.
+    """
+    n = len(lengths)
+    if n and lengths.max() > capacity:
+        raise ValueError(
+            f"a sentence of {lengths.max()} tokens does not fit in a block of {capacity + 1} "
+            f"(one token is the block's <|endoftext|>): use block_len >= {lengths.max() + 1}"
+        )
+    ends = np.cumsum(lengths, dtype=np.int64)
+    block = np.empty(n, dtype=np.int64)
+    start_of = np.empty(n, dtype=np.int64)
+    i, b = 0, 0
+    if n and (lengths == lengths[0]).all():  # one template: a closed form
+        per = capacity // int(lengths[0])
+        block = np.arange(n) // per
+        return block, (np.arange(n) % per) * int(lengths[0])
+    while i < n:
+        base = ends[i - 1] if i else 0
+        j = int(np.searchsorted(ends, base + capacity, side="right"))
+        block[i:j] = b
+        start_of[i:j] = base
+        i, b = j, b + 1
+    return block, ends - lengths - start_of
+
+
+def build_world(
+    config: WorldConfig, corpus: CorpusConfig, out: str | Path, *, overwrite: bool = False
+) -> tuple[World, WorldTokenizer, Corpus]:
+    """Generate a world and write it, its tokenizer and its corpus (`corpus/`) into `out`.
+
+    The directory appears complete or not at all.
+    """
+    world = World.generate(config)
+    tokenizer = WorldTokenizer(config)
+    packed = Corpus.build(world, tokenizer, corpus)
+
+    def fill(tmp: Path) -> None:
+        world.write_into(tmp)
+        tokenizer.save(tmp)
+        packed.save(tmp / "corpus", world)
+
+    write_dir(out, fill, overwrite=overwrite)
+    return world, tokenizer, packed
+
+
+def load_world(path: str | Path) -> tuple[World, WorldTokenizer]:
+    """Read a world directory and check that its saved tokenizer is the world's own."""
+    world = World.load(path)
+    tokenizer = WorldTokenizer(world.config)
+    tokenizer.check_saved(path)
+    return world, tokenizer

@@ -1,0 +1,238 @@
+"""Artificial grammars: templates that turn tuples into token sequences with exact spans.
+
+The paper's template (Behemoth section 4.3) is `SS <s> FT1 FT2 RR <r> FT3 OO <o> . <|endoftext|>`.
+Paraphrases use other fillers and orders; the multiple-choice format lists candidate objects
+before the answer. Rendering is vectorized per template and returns every sentence's spans
+(subject, relation, object) and prompt length, so no downstream code guesses positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from behemoth_interp.tokenizer import WorldTokenizer
+from behemoth_interp.world import N_FILLERS, World
+
+ROLES = ("pad", "grammar", "subject", "relation", "object", "choice")
+"""Role codes of rendered tokens: `roles == ROLES.index("object")` marks the answer tokens."""
+PAD_ROLE, GRAMMAR, SUBJECT, RELATION, OBJECT, CHOICE = range(len(ROLES))
+
+
+@dataclass(frozen=True)
+class Template:
+    """A sentence pattern: markers SS RR OO . EOT, fillers F<i>, slots <s> <r> <o> <choices>."""
+
+    name: str
+    pattern: str
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        parts = self.pattern.split()
+        for slot in ("<s>", "<r>", "<o>"):
+            if parts.count(slot) != 1:
+                raise ValueError(f"template {self.name!r} must contain {slot} exactly once")
+        if parts.index("<o>") < max(parts.index("<s>"), parts.index("<r>")):
+            raise ValueError(f"template {self.name!r}: the object must come after subject and relation")
+        for p in parts:
+            known = p in ("SS", "RR", "OO", ".", "EOT", "<s>", "<r>", "<o>", "<choices>")
+            if not known and not (p[0] == "F" and p[1:].isdigit() and int(p[1:]) < N_FILLERS - 1):
+                raise ValueError(f"template {self.name!r} has unknown part {p!r}")
+
+    @property
+    def parts(self) -> list[str]:
+        return self.pattern.split()
+
+    @property
+    def is_choice(self) -> bool:
+        return "<choices>" in self.parts
+
+
+CHOICE_FILLER = N_FILLERS - 1
+"""The filler that precedes every candidate object in the multiple-choice format."""
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        Template("paper", "SS <s> F0 F1 RR <r> F2 OO <o> . EOT", "the paper's template"),
+        Template("relation_first", "RR <r> F3 SS <s> F4 OO <o> . EOT", "relation before subject"),
+        Template("compact", "SS <s> RR <r> F5 F6 OO <o> . EOT", "fillers moved after the relation"),
+        Template("fronted", "F7 F8 SS <s> F9 RR <r> OO <o> . EOT", "fillers in front"),
+        Template(
+            "mcq",
+            "F10 SS <s> RR <r> F11 <choices> F12 OO <o> . EOT",
+            "multiple choice: candidate objects listed, then the answer",
+        ),
+    )
+}
+PARAPHRASES = ("relation_first", "compact", "fronted")
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}: choose one of {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+@dataclass(frozen=True)
+class Sentences:
+    """Rendered sentences: tokens [n, pos] right-padded with <|pad|>, per-token roles, spans.
+
+    `spans[name]` is an int array [n, 2] of (start, end) for 'subject', 'relation', 'object'
+    (and 'choices' for the multiple-choice format); `prompt_len[i]` equals the object's start:
+    the prompt is everything before the object.
+    """
+
+    tokens: np.ndarray
+    roles: np.ndarray
+    lengths: np.ndarray
+    spans: dict[str, np.ndarray]
+    facts: np.ndarray
+    template: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def prompt_len(self) -> np.ndarray:
+        return self.spans["object"][:, 0]
+
+    @cached_property
+    def uniform(self) -> bool:
+        """True if every sentence has the same length and spans (one layout, batchable as is)."""
+        return bool(
+            (self.lengths == self.lengths[0]).all()
+            and all((v == v[0]).all() for v in self.spans.values())
+        )
+
+    def prompts(self) -> np.ndarray:
+        """Prompt tokens [n, prompt_len] (requires one layout; select rows first otherwise)."""
+        if not self.uniform:
+            raise ValueError("sentences have different layouts: render one template and kind at a time")
+        return self.tokens[:, : self.prompt_len[0]]
+
+    def select(self, rows) -> Sentences:
+        rows = np.asarray(rows)
+        return Sentences(
+            self.tokens[rows], self.roles[rows], self.lengths[rows],
+            {k: v[rows] for k, v in self.spans.items()}, self.facts[rows], self.template[rows],
+        )  # fmt: skip
+
+    def text(self, tokenizer: WorldTokenizer, i: int) -> str:
+        return tokenizer.decode(self.tokens[i, : self.lengths[i]])
+
+
+def render(
+    world: World,
+    tokenizer: WorldTokenizer,
+    facts: np.ndarray,
+    template: str | np.ndarray = "paper",
+    *,
+    n_choices: int = 4,
+    seed: int = 0,
+) -> Sentences:
+    """Render tuples [n, 3] as sentences in one template, or per row (array of template names).
+
+    The true objects are taken from `facts`, so edited targets render as given. Candidate
+    objects for the multiple-choice format are the true object plus `n_choices - 1` distinct
+    others of the relation, in an order drawn with `seed`.
+    """
+    facts = np.asarray(facts, dtype=np.int64).reshape(-1, 3)
+    names = np.broadcast_to(np.asarray(template, dtype=object), (len(facts),))
+    for name in set(names.tolist()):
+        get_template(name)
+    if n_choices < 2:
+        raise ValueError(f"n_choices must be at least 2, got {n_choices}")
+    rng = np.random.default_rng(seed)
+    groups = []
+    for name in sorted(set(names.tolist())):
+        t_rows = np.flatnonzero(names == name)
+        kinds = facts[t_rows, 1] // world.config.n_relations
+        for kind in np.unique(kinds):
+            rows = t_rows[kinds == kind]
+            groups.append((rows, _render_group(world, tokenizer, facts[rows], TEMPLATES[name], n_choices, rng)))
+    n = len(facts)
+    width = max(g[1][0].shape[1] for g in groups) if groups else 0
+    tokens = np.full((n, width), tokenizer.pad_id, dtype=np.int32)
+    roles = np.zeros((n, width), dtype=np.uint8)
+    lengths = np.zeros(n, dtype=np.int32)
+    span_names = {k for _, g in groups for k in g[2]}
+    spans = {k: np.zeros((n, 2), dtype=np.int32) for k in sorted(span_names)}
+    for rows, (tok, rol, sp) in groups:
+        tokens[rows, : tok.shape[1]] = tok
+        roles[rows, : tok.shape[1]] = rol
+        lengths[rows] = tok.shape[1]
+        for k, v in sp.items():
+            spans[k][rows] = v
+    return Sentences(tokens, roles, lengths, spans, facts.astype(np.int32), np.array(names, dtype=object))
+
+
+def _render_group(world, tokenizer, facts, template: Template, n_choices: int, rng):
+    """One template, one relation kind: every row has the same layout, so build by columns."""
+    n = len(facts)
+    r0 = int(facts[0, 1]) if n else 0
+    s_space, o_space = world.subject_space(r0), world.object_space(r0)
+    world.objects_of(facts[:, 0], facts[:, 1])  # validates subjects and relations
+    candidates = world.candidate_objects(r0)
+    if n and (facts[:, 2].min() < 0 or facts[:, 2].max() >= len(candidates)):
+        bad = facts[(facts[:, 2] < 0) | (facts[:, 2] >= len(candidates))][0]
+        raise ValueError(
+            f"object {bad[2]} is not a possible object of relation {world.relation_name(int(bad[1]))}: "
+            f"it takes objects 0..{len(candidates) - 1}"
+        )
+    columns: list[np.ndarray] = []
+    roles: list[int] = []
+    spans: dict[str, tuple[int, int]] = {}
+
+    def add(block: np.ndarray, role: int | list[int], span: str | None = None) -> None:
+        block = block.reshape(n, -1) if block.ndim == 2 else np.broadcast_to(block, (n, 1))
+        start = sum(c.shape[1] for c in columns)
+        columns.append(block)
+        roles.extend([role] * block.shape[1] if isinstance(role, int) else role)
+        if span:
+            spans[span] = (start, start + block.shape[1])
+
+    fixed = {"SS": tokenizer.ss_id, "RR": tokenizer.rr_id, "OO": tokenizer.oo_id,
+             ".": tokenizer.period_id, "EOT": tokenizer.eot_id}  # fmt: skip
+    for part in template.parts:
+        if part in fixed:
+            add(np.array(fixed[part]), GRAMMAR)
+        elif part[0] == "F":
+            add(np.array(tokenizer.fillers[int(part[1:])]), GRAMMAR)
+        elif part == "<s>":
+            add(tokenizer.entity_tokens(s_space, facts[:, 0]), SUBJECT, "subject")
+        elif part == "<r>":
+            add(tokenizer.entity_tokens("relation", facts[:, 1]), RELATION, "relation")
+        elif part == "<o>":
+            add(tokenizer.entity_tokens(o_space, facts[:, 2]), OBJECT, "object")
+        else:  # <choices>
+            choices = _draw_choices(facts[:, 2], len(candidates), n_choices, rng)
+            ent = tokenizer.entity_tokens(o_space, choices.ravel()).reshape(n, choices.shape[1], -1)
+            filler = np.full((n, choices.shape[1], 1), tokenizer.fillers[CHOICE_FILLER])
+            role = ([GRAMMAR] + [CHOICE] * ent.shape[2]) * choices.shape[1]
+            add(np.concatenate([filler, ent], axis=2).reshape(n, -1), role, "choices")
+    tokens = np.concatenate(columns, axis=1).astype(np.int32)
+    role_row = np.array(roles, dtype=np.uint8)
+    return tokens, np.broadcast_to(role_row, tokens.shape), {
+        k: np.broadcast_to(np.array(v, dtype=np.int32), (n, 2)) for k, v in spans.items()
+    }
+
+
+def _draw_choices(true: np.ndarray, n_objects: int, n_choices: int, rng) -> np.ndarray:
+    """Candidate lists [n, k]: the true object and k-1 distinct others, shuffled per row."""
+    k = min(n_choices, n_objects)
+    n = len(true)
+    # offsets in 1..n_objects-1 (mod n_objects they never hit the true object); redraw
+    # the rows that drew an offset twice until every row is distinct
+    offsets = rng.integers(1, n_objects, size=(n, k - 1))
+    while True:
+        s = np.sort(offsets, axis=1)
+        dup = (s[:, 1:] == s[:, :-1]).any(axis=1)
+        if not dup.any():
+            break
+        offsets[dup] = rng.integers(1, n_objects, size=(int(dup.sum()), k - 1))
+    choices = np.concatenate([true[:, None], (true[:, None] + offsets) % n_objects], axis=1)
+    order = np.argsort(rng.random((n, k)), axis=1)
+    return np.take_along_axis(choices, order, axis=1)
