@@ -39,7 +39,9 @@ class CorpusConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        mix = tuple((str(k), float(v)) for k, v in dict(self.grammar_mix).items())
+        # sorted by name: the mix is a mapping, and the saved JSON sorts its keys, so a config
+        # read back from corpus.json must draw the same templates as the one that built it
+        mix = tuple(sorted((str(k), float(v)) for k, v in dict(self.grammar_mix).items()))
         object.__setattr__(self, "grammar_mix", mix)
         if not mix:
             raise ValueError("grammar_mix is empty: give at least one template, e.g. paper=1")

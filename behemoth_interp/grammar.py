@@ -149,9 +149,11 @@ def render(
     groups = []
     for name in sorted(set(names.tolist())):
         t_rows = np.flatnonzero(names == name)
-        kinds = facts[t_rows, 1] // world.config.n_relations
-        for kind in np.unique(kinds):
-            rows = t_rows[kinds == kind]
+        # one group per relation, not per relation kind: candidate objects differ between
+        # relations of one kind (binarized correlated relations take only objects 0 and 1)
+        relations = facts[t_rows, 1]
+        for relation in np.unique(relations):
+            rows = t_rows[relations == relation]
             groups.append((rows, _render_group(world, tokenizer, facts[rows], TEMPLATES[name], n_choices, rng)))
     n = len(facts)
     width = max(g[1][0].shape[1] for g in groups) if groups else 0
@@ -170,7 +172,7 @@ def render(
 
 
 def _render_group(world, tokenizer, facts, template: Template, n_choices: int, rng):
-    """One template, one relation kind: every row has the same layout, so build by columns."""
+    """One template, one relation: every row has the same layout, so build by columns."""
     n = len(facts)
     r0 = int(facts[0, 1]) if n else 0
     s_space, o_space = world.subject_space(r0), world.object_space(r0)

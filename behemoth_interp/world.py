@@ -91,6 +91,10 @@ class WorldConfig:
             if not 1 <= getattr(self, name) <= 4:
                 raise ValueError(f"{name} must be 1..4 tokens per entity, got {getattr(self, name)}")
         if self.distribution == "correlated":
+            if len(self.correlated) != 2:
+                raise ValueError(
+                    f"correlated={self.correlated} must name exactly two relations, e.g. (0, 1)"
+                )
             r1, r2 = self.correlated
             if self.n_relations < 2:
                 raise ValueError(

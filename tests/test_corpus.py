@@ -1,0 +1,222 @@
+"""Packed corpora: each tuple `copies` times, whole sentences per block, exact roles, files."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from conftest import CORPUS_CONFIG, EVERY_TEMPLATE
+
+from behemoth_interp import (
+    Corpus,
+    CorpusConfig,
+    World,
+    WorldConfig,
+    WorldTokenizer,
+    build_world,
+    load_world,
+    render,
+)
+from behemoth_interp.corpus import _pack
+from behemoth_interp.grammar import GRAMMAR, OBJECT, PAD_ROLE, RELATION, SUBJECT
+
+
+def _columns(corpus: Corpus) -> dict[str, np.ndarray]:
+    return {name: corpus.sentences.column(name).to_numpy() for name in
+            ("subject", "relation", "object", "block", "offset", "length")}  # fmt: skip
+
+
+def test_every_tuple_appears_exactly_copies_times(world_corpus):
+    world, _, corpus = world_corpus
+    c = _columns(corpus)
+    seen = Counter(zip(*(c[k].tolist() for k in ("subject", "relation", "object")), strict=True))
+    assert seen == Counter({tuple(f): CORPUS_CONFIG.copies for f in world.facts().tolist()})
+    assert corpus.sentences.num_rows == CORPUS_CONFIG.copies * world.n_facts
+    templates = Counter(corpus.sentences.column("template").to_pylist())
+    assert set(templates) == {name for name, _ in EVERY_TEMPLATE}
+
+
+def test_sentences_shuffled_across_subjects(world_corpus):
+    world, _, corpus = world_corpus
+    relation = _columns(corpus)["relation"]
+    n = world.n_facts
+    assert not np.array_equal(relation[:n], np.sort(relation[:n]))  # not relation-major
+    # the same subject's tuples are spread over the corpus, not side by side
+    subject = _columns(corpus)["subject"]
+    assert (subject[1:] == subject[:-1]).mean() < 0.2
+
+
+def test_blocks_hold_whole_sentences_back_to_back(world_corpus):
+    _, tok, corpus = world_corpus
+    L = corpus.config.block_len
+    c = _columns(corpus)
+    assert corpus.tokens.shape == corpus.roles.shape == (corpus.n_blocks, L)
+    assert (corpus.tokens[:, 0] == tok.eot_id).all() and (corpus.roles[:, 0] == GRAMMAR).all()
+    assert (c["offset"] >= 1).all() and (c["offset"] + c["length"] <= L).all()
+    assert np.array_equal(c["block"], np.sort(c["block"]))  # sentences fill blocks in order
+    assert set(c["block"].tolist()) == set(range(corpus.n_blocks))
+    for b in range(corpus.n_blocks):
+        rows = np.flatnonzero(c["block"] == b)
+        offsets, lengths = c["offset"][rows], c["length"][rows]
+        assert offsets[0] == 1
+        assert np.array_equal(offsets[1:], offsets[:-1] + lengths[:-1])  # no gap, no overlap
+        end = offsets[-1] + lengths[-1]
+        assert (corpus.tokens[b, end:] == tok.pad_id).all()
+        assert (corpus.roles[b, end:] == PAD_ROLE).all()
+        assert (corpus.tokens[b, :end] != tok.pad_id).all()
+        if b + 1 < corpus.n_blocks:  # greedy: the next sentence would not have fit
+            assert end + c["length"][rows[-1] + 1] > L
+    assert corpus.n_tokens == int((corpus.tokens != tok.pad_id).sum())
+    assert corpus.n_tokens == int((corpus.roles != PAD_ROLE).sum())
+
+
+def test_tokens_at_each_sentence_decode_to_its_tuple(world_corpus):
+    world, tok, corpus = world_corpus
+    c = _columns(corpus)
+    templates = np.array(corpus.sentences.column("template").to_pylist(), dtype=object)
+    for i in range(corpus.sentences.num_rows):
+        b, off, n = c["block"][i], c["offset"][i], c["length"][i]
+        tokens, roles = corpus.tokens[b, off : off + n], corpus.roles[b, off : off + n]
+        s, r, o = int(c["subject"][i]), int(c["relation"][i]), int(c["object"][i])
+        assert world.object_of(s, r) == o
+        expected = ((SUBJECT, world.subject_space(r), s), (RELATION, "relation", r),
+                    (OBJECT, world.object_space(r), o))  # fmt: skip
+        for role, space, value in expected:
+            assert tok.entity_ids(space, tokens[roles == role][None]).tolist() == [value]
+        assert tokens[-2:].tolist() == [tok.period_id, tok.eot_id]
+        # the roles are exactly those of the same tuple rendered alone; so are the tokens,
+        # except the multiple-choice candidates, drawn per corpus
+        alone = render(world, tok, [[s, r, o]], templates[i], n_choices=corpus.config.n_choices)
+        assert alone.lengths[0] == n
+        assert roles.tolist() == alone.roles[0, :n].tolist()
+        if templates[i] != "mcq":
+            assert tokens.tolist() == alone.tokens[0, :n].tolist()
+        assert tok.encode(tok.decode(tokens)) == tokens.tolist()
+
+
+def test_save_and_memory_mapped_load(worlds, corpora, tmp_path):
+    world, _ = worlds["nested"]
+    corpus = corpora["nested"]
+    corpus.save(tmp_path / "c", world)
+    loaded = Corpus.load(tmp_path / "c")
+    assert isinstance(loaded.tokens, np.memmap) and isinstance(loaded.roles, np.memmap)
+    assert loaded.tokens.dtype == corpus.tokens.dtype == np.uint16
+    assert np.array_equal(loaded.tokens, corpus.tokens) and np.array_equal(
+        loaded.roles, corpus.roles
+    )
+    assert loaded.sentences.equals(corpus.sentences)
+    assert loaded.config == corpus.config
+    assert (loaded.n_blocks, loaded.n_tokens) == (corpus.n_blocks, corpus.n_tokens)
+    eager = Corpus.load(tmp_path / "c", mmap=False)
+    assert not isinstance(eager.tokens, np.memmap)
+    assert np.array_equal(eager.tokens, corpus.tokens)
+    with pytest.raises(FileNotFoundError, match="corpus.json is missing"):
+        Corpus.load(tmp_path / "nowhere")
+
+
+def _build(tmp_path, name, seed):
+    config = WorldConfig("correlated", n_subjects=30, n_relations=3, n_objects=8, seed=seed)
+    return build_world(config, CorpusConfig(EVERY_TEMPLATE, copies=2, block_len=48, seed=seed),
+                       tmp_path / name)  # fmt: skip
+
+
+def test_same_seed_same_bytes_different_seed_different(tmp_path, tree_bytes):
+    _build(tmp_path, "a", 11)
+    _build(tmp_path, "b", 11)
+    _build(tmp_path, "c", 12)
+    a, b, c = (tree_bytes(tmp_path / n) for n in "abc")
+    assert sorted(a) == ["corpus/corpus.json", "corpus/roles.npy", "corpus/sentences.parquet",
+                         "corpus/tokens.npy", "facts.parquet", "tokenizer.json",
+                         "tokenizer_config.json", "world.json"]  # fmt: skip
+    assert a == b
+    for name in ("facts.parquet", "corpus/tokens.npy", "corpus/sentences.parquet"):
+        assert a[name] != c[name]
+    assert a["tokenizer.json"] == c["tokenizer.json"]  # the layout does not depend on the seed
+
+
+def test_build_world_and_load_world(tmp_path):
+    world, tok, corpus = _build(tmp_path, "w", 3)
+    loaded, loaded_tok = load_world(tmp_path / "w")
+    assert loaded == world and loaded_tok.tokens == tok.tokens
+    on_disk = Corpus.load(tmp_path / "w" / "corpus")
+    assert np.array_equal(on_disk.tokens, corpus.tokens)
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        _build(tmp_path, "w", 3)
+    WorldTokenizer(WorldConfig(n_subjects=7)).save(tmp_path / "w")
+    with pytest.raises(ValueError, match="is from another vocabulary"):
+        load_world(tmp_path / "w")
+
+
+def test_one_template_packs_in_closed_form(worlds):
+    world, tok = worlds["independent"]
+    corpus = Corpus.build(world, tok, CorpusConfig(block_len=40, copies=3))
+    c = _columns(corpus)
+    per_block = (40 - 1) // 13  # paper sentences of 13 tokens after the block's <|endoftext|>
+    n = 3 * world.n_facts
+    assert corpus.n_blocks == -(-n // per_block)
+    assert c["block"].tolist() == (np.arange(n) // per_block).tolist()
+    assert c["offset"].tolist() == (1 + 13 * (np.arange(n) % per_block)).tolist()
+
+
+def test_pack_greedy_by_hand():
+    block, offset = _pack(np.array([3, 4, 2, 5, 1]), 7)
+    assert block.tolist() == [0, 0, 1, 1, 2]
+    assert offset.tolist() == [0, 3, 0, 2, 0]
+    with pytest.raises(ValueError, match="use block_len >= 9"):
+        _pack(np.array([3, 8]), 7)
+
+
+def test_grammar_mix_weights(worlds):
+    world, tok = worlds["independent"]
+    corpus = Corpus.build(world, tok, CorpusConfig((("paper", 1.0), ("mcq", 0.0)), block_len=64))
+    assert set(corpus.sentences.column("template").to_pylist()) == {"paper"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"grammar_mix": ()}, "grammar_mix is empty"),
+        ({"grammar_mix": (("sonnet", 1.0),)}, "unknown template 'sonnet'"),
+        ({"grammar_mix": (("paper", -1.0),)}, "weight of 'paper' is negative"),
+        ({"grammar_mix": (("paper", 0.0),)}, "weights sum to zero"),
+        ({"copies": 0}, "copies must be at least 1, got 0"),
+        ({"block_len": 8}, "block_len=8 is too short"),
+    ],
+)
+def test_bad_corpus_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CorpusConfig(**kwargs)
+
+
+def test_block_too_short_for_a_sentence(worlds):
+    world, tok = worlds["independent"]
+    with pytest.raises(ValueError, match=r"a sentence of 25 tokens does not fit in a block of 16 .*"
+                       r"use block_len >= 26"):  # fmt: skip
+        Corpus.build(world, tok, CorpusConfig((("mcq", 1.0),), block_len=16))
+
+
+def test_corpus_config_round_trip():
+    c = CorpusConfig(CorpusConfig.parse_mix("paper=1, mcq=0.25,compact"), copies=3, block_len=128)
+    assert c.grammar_mix == (("compact", 1.0), ("mcq", 0.25), ("paper", 1.0))
+    assert CorpusConfig.from_dict(c.to_dict()) == c
+
+
+def test_tiny_world_round_trip_through_disk(tmp_path):
+    """A one-subject world still builds, saves and reloads."""
+    config = WorldConfig(n_subjects=1, n_relations=1, n_objects=1)
+    world, _, corpus = build_world(config, CorpusConfig(), tmp_path / "w")
+    assert corpus.n_blocks == 1 and corpus.sentences.num_rows == 1
+    assert World.load(tmp_path / "w") == world
+
+
+def test_saved_config_rebuilds_the_same_corpus(worlds, tmp_path):
+    """The mix is a mapping: its order is canonical, so corpus.json rebuilds the same corpus."""
+    world, tok = worlds["correlated"]
+    config = CorpusConfig((("mcq", 1.0), ("paper", 2.0), ("compact", 1.0)), block_len=64, seed=9)
+    assert config == CorpusConfig((("compact", 1.0), ("paper", 2.0), ("mcq", 1.0)), 1, 64, seed=9)
+    corpus = Corpus.build(world, tok, config)
+    corpus.save(tmp_path / "c")
+    again = Corpus.build(world, tok, Corpus.load(tmp_path / "c").config)
+    assert np.array_equal(again.tokens, corpus.tokens)
+    assert again.sentences.equals(corpus.sentences)
