@@ -9,7 +9,10 @@ import numpy as np
 import typer
 
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
+from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import TEMPLATES, render
+from behemoth_interp.model import load_hf
+from behemoth_interp.train import TrainConfig, train
 from behemoth_interp.world import SPACE_NAMES, WorldConfig
 
 app = typer.Typer(
@@ -91,6 +94,56 @@ def describe_world(path: Path, samples: int = 2) -> str:
         lines += ["", f"corpus: {corpus.sentences.num_rows} sentences, {corpus.n_tokens} tokens in "
                   f"{corpus.n_blocks} blocks of {corpus.config.block_len} (grammar {mix})"]  # fmt: skip
     return "\n".join(lines)
+
+
+@app.command("train")
+def train_cmd(
+    world_dir: Path = typer.Argument(..., help="A world directory written by `world new`."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
+    preset: str = typer.Option("pythia-31m", help="Model size preset (pythia-31m, small, tiny)."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
+    batch_size: int = typer.Option(16, help="Blocks per optimizer step."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the corpus."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
+    warmup: int = typer.Option(0, help="Linear warmup steps."),
+    schedule: str = typer.Option("constant", help="constant (the paper) or cosine."),
+    min_lr_ratio: float = typer.Option(0.0, help="Cosine floor as a fraction of --lr."),
+    loss_on: str = typer.Option("all", help="all tokens (the paper) or object tokens only."),
+    seed: int = typer.Option(0, help="Seed of initialization and data order."),
+    eval_every: int = typer.Option(1000, help="Steps between fact-accuracy evaluations."),
+    save_every: int = typer.Option(0, help="Steps between checkpoints (0: only at the end)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
+    no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Do not keep optimizer state at the end."),
+) -> None:
+    """Train a model on a world's corpus and write a checkpoint."""
+    import sys
+
+    config = TrainConfig(
+        preset=preset, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+        epochs=epochs or (None if steps else 10), steps=steps,
+        warmup_steps=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio, loss_on=loss_on, seed=seed,  # type: ignore[arg-type]
+        eval_every=eval_every, save_every=save_every, save_optimizer=not no_optimizer,
+    )  # fmt: skip
+    command = "behemoth-interp " + " ".join(sys.argv[1:])
+    log = train(world_dir, out, config, device=device, resume=resume, command=command)
+    typer.echo(f"wrote {out} after {log['step']} steps in {log['wall_seconds']:.0f} s")
+    typer.echo(format_accuracy(log["final"]))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model_dir: Path = typer.Argument(..., help="A checkpoint directory."),
+    template: str = typer.Option("paper", help="Grammar template to ask in."),
+) -> None:
+    """Exact fact accuracy of a checkpoint on every tuple of its world, per relation."""
+    hf, world, tok = load_hf(model_dir)
+    typer.echo(format_accuracy(evaluate_facts(hf, world, tok, template=template).summary()))
+
+
+def format_accuracy(summary: dict[str, float]) -> str:
+    return "\n".join(f"{k:>14}  {v:.4f}" for k, v in summary.items())
 
 
 @app.command()

@@ -3,10 +3,11 @@
 Sentences are shuffled over the whole world (Behemoth section 4.4: nothing about one
 subject can be read from its neighbours) and packed greedily into blocks of `block_len`
 tokens. A block starts with `<|endoftext|>`, so every sentence is preceded by it as prompts
-are at analysis time; sentences are never split across blocks (a split tuple would never be
-seen whole, since the same corpus is replayed every epoch); the tail of a block is `<|pad|>`,
-role 'pad', which carries no loss. Token ids and per-token roles are stored as `.npy` files
-that load memory-mapped.
+are at analysis time; sentences are never split across blocks (a split sentence would ask for
+an object with its subject out of view); the tail of a block is `<|pad|>`, role 'pad', which
+carries no loss. Token ids and per-token roles are stored as `.npy` files that load
+memory-mapped. Training re-packs the same sentences in a fresh order every epoch
+(`Corpus.shuffled`).
 """
 
 from __future__ import annotations
@@ -110,16 +111,10 @@ class Corpus:
         order = rng.permutation(len(facts))
         facts, template = facts[order], template[order]
         sent = render(world, tokenizer, facts, template, n_choices=config.n_choices, seed=config.seed)
-        block, offset = _pack(sent.lengths, config.block_len - 1)
-        offset = offset + 1  # after the block's leading <|endoftext|>
-        n_blocks = int(block[-1]) + 1 if len(block) else 0
-        tokens = np.full((n_blocks, config.block_len), tokenizer.pad_id, dtype=_token_dtype(tokenizer))
-        roles = np.full((n_blocks, config.block_len), PAD_ROLE, dtype=np.uint8)
-        tokens[:, 0], roles[:, 0] = tokenizer.eot_id, GRAMMAR
-        valid = np.arange(sent.tokens.shape[1])[None, :] < sent.lengths[:, None]
-        dest = (block * config.block_len + offset)[:, None] + np.arange(sent.tokens.shape[1])[None, :]
-        tokens.reshape(-1)[dest[valid]] = sent.tokens[valid]
-        roles.reshape(-1)[dest[valid]] = sent.roles[valid]
+        tokens, roles, block, offset = _packed(
+            sent.tokens, sent.roles, sent.lengths, config.block_len, tokenizer.pad_id, tokenizer.eot_id,
+            _token_dtype(tokenizer),
+        )  # fmt: skip
         table = pa.table(
             {
                 "subject": facts[:, 0].astype(np.int32),
@@ -132,6 +127,33 @@ class Corpus:
             }
         )
         return cls(config, tokens, roles, table)
+
+    def sentence_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every sentence's tokens and roles [n, max_len] (right-padded) and lengths [n]."""
+        t = self.sentences
+        start = t.column("block").to_numpy().astype(np.int64) * self.config.block_len
+        start += t.column("offset").to_numpy()
+        lengths = t.column("length").to_numpy()
+        width = int(lengths.max()) if len(lengths) else 0
+        valid = np.arange(width)[None, :] < lengths[:, None]
+        src = np.where(valid, start[:, None] + np.arange(width)[None, :], 0)
+        tokens = np.where(valid, np.asarray(self.tokens).reshape(-1)[src], 0)
+        roles = np.where(valid, np.asarray(self.roles).reshape(-1)[src], PAD_ROLE)
+        return tokens, roles.astype(np.uint8), lengths
+
+    def shuffled(self, seed: int | list[int], pad_id: int, eot_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """The same sentences re-packed in a fresh order drawn with `seed`: (tokens, roles).
+
+        Training re-packs every epoch so that no sentence keeps its neighbours: a fixed packing
+        would let a model predict an object from the sentences before it in the block.
+        """
+        tokens, roles, lengths = self.sentence_rows()
+        order = np.random.default_rng(seed).permutation(len(lengths))
+        packed_tokens, packed_roles, _, _ = _packed(
+            tokens[order], roles[order], lengths[order], self.config.block_len, pad_id, eot_id,
+            self.tokens.dtype,
+        )  # fmt: skip
+        return packed_tokens, packed_roles
 
     def save(self, path: str | Path, world: World | None = None, *, overwrite: bool = False) -> Path:
         """Write corpus.json, tokens.npy, roles.npy and sentences.parquet into directory `path`."""
@@ -167,6 +189,27 @@ class Corpus:
 
 def _token_dtype(tokenizer: WorldTokenizer) -> type:
     return np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
+
+
+def _packed(tok_rows, role_rows, lengths, block_len: int, pad_id: int, eot_id: int, dtype):
+    """Place sentence rows into blocks: (tokens, roles [block, block_len], block, offset [n])."""
+    block, offset = _pack(lengths, block_len - 1)
+    offset = offset + 1  # after the block's leading <|endoftext|>
+    n_blocks = int(block[-1]) + 1 if len(block) else 0
+    tokens = np.full((n_blocks, block_len), pad_id, dtype=dtype)
+    roles = np.full((n_blocks, block_len), PAD_ROLE, dtype=np.uint8)
+    tokens[:, 0], roles[:, 0] = eot_id, GRAMMAR
+    width = tok_rows.shape[1]
+    valid = np.arange(width)[None, :] < lengths[:, None]
+    dest = (block * block_len + offset)[:, None] + np.arange(width)[None, :]
+    tokens.reshape(-1)[dest[valid]] = tok_rows[valid]
+    roles.reshape(-1)[dest[valid]] = role_rows[valid]
+    return tokens, roles, block, offset
+
+
+def count_blocks(lengths: np.ndarray, block_len: int) -> int:
+    """How many blocks of `block_len` the sentences of `lengths`, in this order, fill."""
+    return int(_pack(lengths, block_len - 1)[0][-1]) + 1 if len(lengths) else 0
 
 
 def _pack(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:

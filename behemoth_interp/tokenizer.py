@@ -119,6 +119,9 @@ class WorldTokenizer:
             pad_token=PAD,
             model_max_length=4096,
             clean_up_tokenization_spaces=False,
+            add_bos_token=True,  # prompts start with <|endoftext|>, as every corpus sentence does
+            add_eos_token=False,
+            name_or_path="behemoth-world",
         )
 
     def encode(self, text: str) -> list[int]:

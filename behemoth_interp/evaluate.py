@@ -1,0 +1,120 @@
+"""Exact fact accuracy: does the model predict every object token of (s, r), teacher-forced?
+
+A tuple counts as correct (top-1) when, fed `<|endoftext|>` + the prompt + the true object
+tokens, the model's argmax at each object position is the true token. Top-k asks the same with
+each true token among the k largest logits. Batched over tuples; works on a HookedTransformer
+or the HF model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from behemoth_interp.grammar import render
+from behemoth_interp.model import logits_of, model_device
+from behemoth_interp.tokenizer import WorldTokenizer
+from behemoth_interp.world import World
+
+
+@dataclass
+class FactAccuracy:
+    """Per-tuple results: `facts` [n, 3] and `rank` [n] (worst rank of the true object tokens).
+
+    `rank == 0` means every object token was the argmax (top-1 correct); rank < k is top-k.
+    """
+
+    world: World
+    facts: np.ndarray
+    rank: np.ndarray
+    template: str
+
+    def top(self, k: int = 1) -> np.ndarray:
+        """Boolean [n]: every object token of the tuple is within the top k."""
+        return self.rank < k
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.top(1).mean()) if len(self.rank) else float("nan")
+
+    def per_relation(self, k: int = 1) -> pd.Series:
+        """Top-k accuracy per relation name."""
+        return self.to_dataframe().assign(ok=self.top(k)).groupby("relation_name", sort=False)["ok"].mean()
+
+    def per_kind(self) -> pd.Series:
+        return self.to_dataframe().groupby("kind", sort=False)["top1"].mean()
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per tuple: subject, relation, object, relation_name, kind, rank, top1, top2."""
+        w = self.world
+        rel = self.facts[:, 1]
+        names = np.array([w.relation_name(r) for r in range(w.n_relations)], dtype=object)
+        kinds = np.array([w.relation_kind(r) for r in range(w.n_relations)], dtype=object)
+        kind = kinds[rel]
+        if w.config.distribution == "correlated":
+            kind = np.where(np.isin(rel, w.config.correlated), "correlated", kind)
+        return pd.DataFrame(
+            {
+                "subject": self.facts[:, 0],
+                "relation": rel,
+                "object": self.facts[:, 2],
+                "relation_name": names[rel],
+                "kind": kind,
+                "rank": self.rank,
+                "top1": self.top(1),
+                "top2": self.top(2),
+            }
+        )
+
+    def summary(self) -> dict[str, float]:
+        """Overall top-1/top-2 and top-1 per relation, as a flat dict (for logs)."""
+        out = {"top1": self.accuracy, "top2": float(self.top(2).mean())}
+        out.update({f"top1/{k}": float(v) for k, v in self.per_relation().items()})
+        return out
+
+    def plot(self):
+        """Bar chart of top-1 and top-2 accuracy per relation."""
+        import plotly.express as px
+
+        df = self.to_dataframe().groupby("relation_name", sort=False)[["top1", "top2"]].mean()
+        long = df.reset_index().melt("relation_name", var_name="metric", value_name="accuracy")
+        return px.bar(long, x="relation_name", y="accuracy", color="metric", barmode="group",
+                      range_y=[0, 1], title=f"Fact accuracy ({self.template} template)")  # fmt: skip
+
+
+@torch.inference_mode()
+def evaluate_facts(
+    model,
+    world: World,
+    tokenizer: WorldTokenizer,
+    facts: np.ndarray | None = None,
+    *,
+    template: str = "paper",
+    batch_size: int = 512,
+) -> FactAccuracy:
+    """Teacher-forced exact accuracy on `facts` [n, 3] (default: every tuple of the world)."""
+    facts = world.facts() if facts is None else np.asarray(facts).reshape(-1, 3)
+    sent = render(world, tokenizer, facts, template)
+    obj = sent.spans["object"]
+    k = int((obj[:, 1] - obj[:, 0]).max()) if len(facts) else 0
+    width = int(obj[:, 1].max()) if len(facts) else 0
+    # <|endoftext|> + tokens up to the object's end; logits at p-1 predict token p
+    inputs = np.concatenate([np.full((len(facts), 1), tokenizer.eot_id), sent.tokens[:, :width]], 1)
+    device = model_device(model)
+    ranks = np.empty(len(facts), dtype=np.int64)
+    for start in range(0, len(facts), batch_size):
+        rows = slice(start, start + batch_size)
+        x = torch.as_tensor(inputs[rows], dtype=torch.long, device=device)
+        logits = logits_of(model, x).float()
+        # object token j sits at input position 1 + start + j (after the leading <|endoftext|>)
+        pos = torch.as_tensor(obj[rows, :1] + 1 + np.arange(k)[None, :], device=device).clamp(max=width)
+        target = x.gather(1, pos)
+        step = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1]))
+        true = step.gather(2, target[..., None])
+        rank = (step > true).sum(-1)  # [b, k]: how many tokens beat the true one
+        span = torch.as_tensor((obj[rows, 1] - obj[rows, 0])[:, None] > np.arange(k)[None, :], device=device)
+        ranks[rows] = torch.where(span, rank, 0).amax(1).cpu().numpy()
+    return FactAccuracy(world, facts, ranks, template)

@@ -1,0 +1,311 @@
+"""Train a GPT-NeoX model on a world's corpus; resumable bit for bit; capacity search.
+
+Defaults follow the Behemoth paper (section 4.5: AdamW, lr 1e-3, weight decay 0.01, batch 16,
+loss on every token). The data order is a pure function of (seed, epoch), the learning rate a
+pure function of the step, and checkpoints carry the optimizer state, so a run resumed from a
+checkpoint continues exactly as an uninterrupted one would (bit for bit on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from behemoth_interp._io import read_json, write_dir, write_json
+from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, count_blocks, load_world
+from behemoth_interp.evaluate import evaluate_facts
+from behemoth_interp.grammar import OBJECT, PAD_ROLE
+from behemoth_interp.model import build_model, get_preset
+from behemoth_interp.world import WorldConfig
+
+TRAIN_STATE = "training_state.pt"
+TRAIN_LOG = "train_log.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization settings. Give `epochs` or `steps` (steps wins when both are set).
+
+    loss_on: 'all' trains on every non-pad token (the paper); 'object' only on object tokens,
+    which spends the whole gradient on the facts (subject tokens are unpredictable by design).
+    schedule: 'constant' (the paper) or 'cosine' decay to `min_lr_ratio * lr` after warmup.
+    """
+
+    preset: str = "pythia-31m"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    epochs: int | None = 10
+    steps: int | None = None
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    loss_on: Literal["all", "object"] = "all"
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 1000
+    eval_facts: int = 2000
+    save_every: int = 0
+    save_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)
+        if self.epochs is None and self.steps is None:
+            raise ValueError("give epochs or steps: the run needs a length")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs < 1):
+            raise ValueError(f"steps and epochs must be positive (steps={self.steps}, epochs={self.epochs})")
+        if self.lr <= 0 or self.batch_size < 1:
+            raise ValueError(f"lr must be > 0 and batch_size >= 1 (lr={self.lr}, batch_size={self.batch_size})")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown schedule {self.schedule!r}: choose 'constant' or 'cosine'")
+        if self.loss_on not in ("all", "object"):
+            raise ValueError(f"unknown loss_on {self.loss_on!r}: choose 'all' or 'object'")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate of optimizer step `step` (0-based) in a run of `total` steps."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        t = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**d)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available: use --device cpu")
+    return torch.device(device)
+
+
+class EpochBatches:
+    """Batches of each epoch: the corpus re-packed with seed (seed, epoch), blocks permuted.
+
+    A pure function of (corpus, batch size, seed, step), so a resumed run sees exactly the
+    batches an uninterrupted one would. The last batch of an epoch may be partial.
+    """
+
+    def __init__(self, corpus: Corpus, batch_size: int, seed: int, pad_id: int, eot_id: int):
+        self.corpus, self.batch_size, self.seed = corpus, batch_size, seed
+        self.pad_id, self.eot_id = pad_id, eot_id
+        self._lengths = corpus.sentences.column("length").to_numpy()
+        self._steps: list[int] = []
+        self._epoch: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def _seed(self, epoch: int) -> list[int]:
+        return [self.seed, epoch]
+
+    def steps_in(self, epoch: int) -> int:
+        while len(self._steps) <= epoch:
+            e = len(self._steps)
+            order = np.random.default_rng(self._seed(e)).permutation(len(self._lengths))
+            blocks = count_blocks(self._lengths[order], self.corpus.config.block_len)
+            self._steps.append(math.ceil(blocks / self.batch_size))
+        return self._steps[epoch]
+
+    def total(self, config: TrainConfig) -> int:
+        return config.steps if config.steps is not None else sum(self.steps_in(e) for e in range(config.epochs))
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, batch index within the epoch) of global step `step`."""
+        epoch = 0
+        while step >= self.steps_in(epoch):
+            step -= self.steps_in(epoch)
+            epoch += 1
+        return epoch, step
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and roles [batch, block_len] of optimizer step `step`."""
+        epoch, i = self.locate(step)
+        if self._epoch is None or self._epoch[0] != epoch:
+            tokens, roles = self.corpus.shuffled(self._seed(epoch), self.pad_id, self.eot_id)
+            perm = np.random.default_rng(self._seed(epoch) + [1]).permutation(len(tokens))
+            self._epoch = (epoch, tokens, roles, perm)
+        _, tokens, roles, perm = self._epoch
+        rows = perm[i * self.batch_size : (i + 1) * self.batch_size]
+        return tokens[rows], roles[rows]
+
+
+def train(
+    world_dir: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train on the corpus in `world_dir/corpus` and write a checkpoint directory to `out`.
+
+    With `resume=True` and a checkpoint with optimizer state in `out`, training continues from
+    its step. Returns the training log (also written to `out/train_log.json`).
+    """
+    world, tokenizer = load_world(world_dir)
+    corpus = Corpus.load(Path(world_dir) / "corpus")
+    dev = resolve_device(device)
+    shape = dataclasses.replace(get_preset(config.preset), n_ctx=max(corpus.config.block_len, 64))
+    model = build_model(shape, tokenizer, config.seed).to(dev)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        fused=dev.type == "cuda",
+    )
+    log: dict[str, Any] = {"train": config.to_dict(), "model": shape.to_dict(),
+                           "world": world.config.to_dict(), "corpus": corpus.config.to_dict(),
+                           "command": command, "device": str(dev), "history": [], "wall_seconds": 0.0}  # fmt: skip
+    step = 0
+    out = Path(out)
+    if resume and (out / TRAIN_STATE).is_file():
+        step, log = _restore(out, model, opt, config, world)
+    batches = EpochBatches(corpus, config.batch_size, config.seed, tokenizer.pad_id, tokenizer.eot_id)
+    total = batches.total(config)
+    eval_rows = np.random.default_rng(config.seed).choice(
+        world.n_facts, size=min(config.eval_facts, world.n_facts), replace=False
+    )
+    eval_facts = world.facts()[np.sort(eval_rows)]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    bar = tqdm(total=total, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    started = time.perf_counter() - log["wall_seconds"]
+    running, count = 0.0, 0
+    model.train()
+    while step < total:
+        tokens, roles = batches.batch(step)
+        x = torch.as_tensor(tokens.astype(np.int64), device=dev)
+        role = torch.as_tensor(roles[:, 1:], device=dev)
+        mask = role == OBJECT if config.loss_on == "object" else role != PAD_ROLE
+        for group in opt.param_groups:
+            group["lr"] = config.lr_at(step, total)
+        with autocast:
+            logits = model(input_ids=x[:, :-1]).logits
+        loss = F.cross_entropy(logits.float()[mask], x[:, 1:][mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        step += 1
+        running, count = running + loss.item(), count + 1
+        bar.update(1)
+        if step % config.eval_every == 0 or step == total:
+            model.eval()
+            acc = evaluate_facts(model, world, tokenizer, eval_facts)
+            model.train()
+            epoch, index = batches.locate(step - 1)
+            entry = {"step": step, "epoch": epoch + (index + 1) / batches.steps_in(epoch),
+                     "loss": running / count, "lr": config.lr_at(step - 1, total),
+                     "accuracy": acc.accuracy, "seconds": time.perf_counter() - started}  # fmt: skip
+            log["history"].append(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{acc.accuracy:.3f}")
+            running, count = 0.0, 0
+        if step == total or (config.save_every and step % config.save_every == 0):
+            log["wall_seconds"] = time.perf_counter() - started
+            log["step"] = step
+            if step == total:
+                model.eval()
+                final = evaluate_facts(model, world, tokenizer)
+                log["final"] = final.summary()
+            _save(out, model, opt, tokenizer, world, log, config.save_optimizer or step < total)
+            model.train()
+    bar.close()
+    return log
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _save(out: Path, model, opt, tokenizer, world, log: dict, with_state: bool) -> None:
+    step = log["step"]
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save(tmp)
+        world.write_into(tmp)
+        log["weights_sha256"] = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
+        if with_state:
+            torch.save({"step": step, "optimizer": opt.state_dict()}, tmp / TRAIN_STATE)
+        write_json(tmp / TRAIN_LOG, log)
+
+    write_dir(out, fill, overwrite=True)
+
+
+def _restore(out: Path, model, opt, config: TrainConfig, world) -> tuple[int, dict]:
+    from safetensors.torch import load_file
+
+    log = read_json(out / TRAIN_LOG, what="training log")
+    if log["world"] != world.config.to_dict():
+        raise ValueError(f"{out} was trained on another world: resume with the world it came from")
+    if log["train"] != config.to_dict() and {**log["train"], "steps": None, "epochs": None} != {
+        **config.to_dict(), "steps": None, "epochs": None
+    }:
+        raise ValueError(f"{out} was trained with other settings: resume only changes the run length")
+    state = load_file(str(out / "model.safetensors"), device=str(next(model.parameters()).device))
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    if [k for k in missing if "embed_out" not in k and "lm_head" not in k]:
+        raise ValueError(f"{out}/model.safetensors lacks {missing}: not a checkpoint of this model")
+    saved = torch.load(out / TRAIN_STATE, map_location=next(model.parameters()).device)
+    opt.load_state_dict(saved["optimizer"])
+    log["train"] = config.to_dict()
+    return int(saved["step"]), log
+
+
+def capacity_search(
+    world: WorldConfig,
+    corpus: CorpusConfig,
+    config: TrainConfig,
+    *,
+    target: float = 0.95,
+    low: int = 100,
+    high: int = 120_000,
+    iterations: int = 6,
+    device: str = "auto",
+    workdir: str | Path | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Binary search for the largest number of subjects that reaches `target` accuracy.
+
+    Each probe builds a world with that many subjects (other settings from `world`), trains
+    with `config` (the fixed budget: epochs or steps) and scores every tuple. Returns the
+    probes in order, each {'n_subjects', 'accuracy', 'reached'}; the paper's method (4.5).
+    """
+    if not 1 <= low <= high:
+        raise ValueError(f"need 1 <= low <= high, got low={low}, high={high}")
+    probes: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for i in range(iterations):
+            if low > high:
+                break
+            n = (low + high) // 2
+            wdir, mdir = Path(tmp) / f"world{i}", Path(tmp) / f"model{i}"
+            build_world(dataclasses.replace(world, n_subjects=n), corpus, wdir)
+            log = train(wdir, mdir, dataclasses.replace(config, save_optimizer=False), device=device, progress=progress)
+            acc = log["final"]["top1"]
+            probes.append({"n_subjects": n, "accuracy": acc, "reached": acc >= target})
+            low, high = (n + 1, high) if acc >= target else (low, n - 1)
+    return probes
