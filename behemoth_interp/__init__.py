@@ -5,24 +5,65 @@
 """
 
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
+from behemoth_interp.evaluate import FactAccuracy, evaluate_facts
 from behemoth_interp.grammar import PARAPHRASES, ROLES, TEMPLATES, Sentences, Template, render
+from behemoth_interp.hooks import (
+    SITE_KINDS,
+    Capture,
+    Inputs,
+    Patch,
+    Site,
+    build_inputs,
+    capture,
+    patch,
+    resolve_sites,
+    swap_params,
+)
+from behemoth_interp.model import PRESETS, ModelConfig, load_hf, load_model, to_hooked
 from behemoth_interp.tokenizer import OutOfVocabularyError, WorldTokenizer
+from behemoth_interp.trace import TraceConfig, TraceResult, find_partners, sample_tuples, trace
+from behemoth_interp.train import TrainConfig, capacity_search, train
 from behemoth_interp.world import Fact, World, WorldConfig
 
 __all__ = [
+    "PRESETS",
+    "FactAccuracy",
+    "ModelConfig",
+    "TrainConfig",
+    "capacity_search",
+    "evaluate_facts",
+    "load_hf",
+    "load_model",
+    "to_hooked",
+    "train",
     "PARAPHRASES",
     "ROLES",
+    "SITE_KINDS",
     "TEMPLATES",
+    "Capture",
     "Corpus",
     "CorpusConfig",
     "Fact",
+    "Inputs",
     "OutOfVocabularyError",
+    "Patch",
     "Sentences",
+    "Site",
     "Template",
+    "TraceConfig",
+    "TraceResult",
     "World",
     "WorldConfig",
     "WorldTokenizer",
+    "build_inputs",
     "build_world",
+    "capture",
+    "find_partners",
     "load_world",
+    "patch",
     "render",
+    "resolve_sites",
+    "sample_tuples",
+    "swap_params",
+    "trace",
 ]

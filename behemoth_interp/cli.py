@@ -12,7 +12,7 @@ from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import TEMPLATES, render
 from behemoth_interp.model import load_hf
-from behemoth_interp.train import TrainConfig, train
+from behemoth_interp.train import TrainConfig, capacity_search, train
 from behemoth_interp.world import SPACE_NAMES, WorldConfig
 
 app = typer.Typer(
@@ -71,7 +71,9 @@ def describe_world(path: Path, samples: int = 2) -> str:
     world, tok = load_world(path)
     c = world.config
     lines = [repr(world), ""]
-    lines.append("relations: " + ", ".join(world.relation_name(r) for r in range(world.n_relations)))
+    lines.append(
+        "relations: " + ", ".join(world.relation_name(r) for r in range(world.n_relations))
+    )
     lines.append(f"vocabulary: {tok.vocab_size} tokens")
     for space in SPACE_NAMES:
         if space in tok.factors:
@@ -115,7 +117,9 @@ def train_cmd(
     save_every: int = typer.Option(0, help="Steps between checkpoints (0: only at the end)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
-    no_optimizer: bool = typer.Option(False, "--no-optimizer", help="Do not keep optimizer state at the end."),
+    no_optimizer: bool = typer.Option(
+        False, "--no-optimizer", help="Do not keep optimizer state at the end."
+    ),
 ) -> None:
     """Train a model on a world's corpus and write a checkpoint."""
     import sys
@@ -142,13 +146,43 @@ def evaluate_cmd(
     typer.echo(format_accuracy(evaluate_facts(hf, world, tok, template=template).summary()))
 
 
+@app.command("capacity")
+def capacity_cmd(
+    distribution: str = typer.Option("independent", help="independent, correlated or nested."),
+    relations: int = typer.Option(6, help="Base relations."),
+    objects: int = typer.Option(400, help="Objects per relation."),
+    low: int = typer.Option(100, help="Smallest number of subjects to consider."),
+    high: int = typer.Option(120_000, help="Largest number of subjects to consider."),
+    iterations: int = typer.Option(6, help="Bisection steps."),
+    target: float = typer.Option(0.95, help="Accuracy the world must reach."),
+    preset: str = typer.Option("pythia-31m", help="Model size preset."),
+    epochs: int = typer.Option(460, help="The fixed budget: epochs per probe (the paper: 460)."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    block_len: int = typer.Option(512, help="Corpus block length."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Binary search for the largest world (in subjects) that trains to --target accuracy."""
+    probes = capacity_search(
+        WorldConfig(distribution, n_relations=relations, n_objects=objects),  # type: ignore[arg-type]
+        CorpusConfig(block_len=block_len),
+        TrainConfig(preset=preset, epochs=epochs, lr=lr),
+        target=target, low=low, high=high, iterations=iterations, device=device, progress=True,
+    )  # fmt: skip
+    for p in probes:
+        typer.echo(
+            f"{p['n_subjects']:>8} subjects  accuracy {p['accuracy']:.4f}  {'reached' if p['reached'] else 'missed'}"
+        )
+
+
 def format_accuracy(summary: dict[str, float]) -> str:
     return "\n".join(f"{k:>14}  {v:.4f}" for k, v in summary.items())
 
 
 @app.command()
 def demo(
-    out: Optional[Path] = typer.Option(None, help="Where to write the demo world (default: temp dir)."),
+    out: Optional[Path] = typer.Option(
+        None, help="Where to write the demo world (default: temp dir)."
+    ),
 ) -> None:
     """The main job on a shipped default: for now, build a small nested world and show it."""
     import tempfile
@@ -156,6 +190,60 @@ def demo(
     target = out or Path(tempfile.mkdtemp(prefix="behemoth-demo-")) / "world"
     build_world(WorldConfig("nested", n_subjects=200), CorpusConfig(), target, overwrite=True)
     typer.echo(describe_world(target))
+
+
+@app.command("trace")
+def trace_cmd(
+    model_dir: Path = typer.Argument(..., help="A checkpoint directory."),
+    out: Path = typer.Option(..., "--out", help="Directory to write the trace result into."),
+    per_relation: int = typer.Option(
+        50, help="Tuples per relation (those with a corruption partner)."
+    ),
+    relations: Optional[str] = typer.Option(
+        None, help="Relation ids to trace, e.g. '0,2' (default: all)."
+    ),
+    sites: str = typer.Option(
+        "resid_pre,attn_out,mlp_post",
+        help="Site kinds: resid_pre, attn_out, mlp_post, mlp_out, head.",
+    ),
+    positions: str = typer.Option(
+        "each", help="'each', or names and indices, e.g. 'subject,relation,last'."
+    ),
+    corruption: str = typer.Option(
+        "swap", help="swap (another subject, the paper) or noise (on the subject)."
+    ),
+    metric: str = typer.Option("ioi", help="ioi (Behemoth eq. 1), logit_diff or prob."),
+    method: str = typer.Option(
+        "exact", help="exact (patched runs) or attribution (gradient estimate)."
+    ),
+    object_token: int = typer.Option(
+        -1, help="Object token the metric reads (-1: last, 0: first)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the tuple sample, partners and noise."),
+    html: Optional[Path] = typer.Option(None, help="Also write the heatmap as an HTML file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+) -> None:
+    """Causal tracing of a checkpoint's facts: restoration scores per site, layer and position."""
+    from behemoth_interp._io import atomic_path
+    from behemoth_interp.model import load_model
+    from behemoth_interp.trace import sample_tuples, trace
+
+    model = load_model(model_dir)
+    chosen = [int(r) for r in relations.split(",")] if relations else None
+    tuples = sample_tuples(
+        model.world, per_relation, relations=chosen, object_token=object_token, seed=seed
+    )
+    pos = [int(p) if p.strip().lstrip("-").isdigit() else p.strip() for p in positions.split(",")]
+    result = trace(model, tuples, sites=tuple(s.strip() for s in sites.split(",")), positions=tuple(pos),
+                   corruption=corruption, metric=metric, method=method, object_token=object_token,  # type: ignore[arg-type]
+                   seed=seed)  # fmt: skip
+    result.save(out, overwrite=force)
+    if html is not None:
+        with atomic_path(html) as tmp:
+            result.heatmap().write_html(str(tmp))
+    typer.echo(f"wrote {result!r} to {out}")
+    typer.echo("top 10 by mean score:")
+    typer.echo(result.top(10).to_string(index=False))
 
 
 def main() -> None:

@@ -51,11 +51,15 @@ class CorpusConfig:
             if weight < 0:
                 raise ValueError(f"grammar_mix weight of {name!r} is negative ({weight})")
         if sum(w for _, w in mix) <= 0:
-            raise ValueError("grammar_mix weights sum to zero: give some template a positive weight")
+            raise ValueError(
+                "grammar_mix weights sum to zero: give some template a positive weight"
+            )
         if self.copies < 1:
             raise ValueError(f"copies must be at least 1, got {self.copies}")
         if self.block_len < 16:
-            raise ValueError(f"block_len={self.block_len} is too short: blocks hold whole sentences")
+            raise ValueError(
+                f"block_len={self.block_len} is too short: blocks hold whole sentences"
+            )
 
     @staticmethod
     def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
@@ -110,7 +114,9 @@ class Corpus:
         template = np.asarray(names, dtype=object)[rng.choice(len(names), size=len(facts), p=p)]
         order = rng.permutation(len(facts))
         facts, template = facts[order], template[order]
-        sent = render(world, tokenizer, facts, template, n_choices=config.n_choices, seed=config.seed)
+        sent = render(
+            world, tokenizer, facts, template, n_choices=config.n_choices, seed=config.seed
+        )
         tokens, roles, block, offset = _packed(
             sent.tokens, sent.roles, sent.lengths, config.block_len, tokenizer.pad_id, tokenizer.eot_id,
             _token_dtype(tokenizer),
@@ -141,7 +147,9 @@ class Corpus:
         roles = np.where(valid, np.asarray(self.roles).reshape(-1)[src], PAD_ROLE)
         return tokens, roles.astype(np.uint8), lengths
 
-    def shuffled(self, seed: int | list[int], pad_id: int, eot_id: int) -> tuple[np.ndarray, np.ndarray]:
+    def shuffled(
+        self, seed: int | list[int], pad_id: int, eot_id: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The same sentences re-packed in a fresh order drawn with `seed`: (tokens, roles).
 
         Training re-packs every epoch so that no sentence keeps its neighbours: a fixed packing
@@ -155,7 +163,9 @@ class Corpus:
         )  # fmt: skip
         return packed_tokens, packed_roles
 
-    def save(self, path: str | Path, world: World | None = None, *, overwrite: bool = False) -> Path:
+    def save(
+        self, path: str | Path, world: World | None = None, *, overwrite: bool = False
+    ) -> Path:
         """Write corpus.json, tokens.npy, roles.npy and sentences.parquet into directory `path`."""
 
         def fill(tmp: Path) -> None:
@@ -177,7 +187,9 @@ class Corpus:
         path = Path(path)
         meta = read_json(path / "corpus.json", what="corpus description (corpus.json)")
         if meta.get("format") != CORPUS_FORMAT:
-            raise ValueError(f"{path}/corpus.json has format {meta.get('format')!r}, expected {CORPUS_FORMAT!r}")
+            raise ValueError(
+                f"{path}/corpus.json has format {meta.get('format')!r}, expected {CORPUS_FORMAT!r}"
+            )
         mode = "r" if mmap else None
         return cls(
             CorpusConfig.from_dict(meta["config"]),

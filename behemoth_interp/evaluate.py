@@ -42,7 +42,12 @@ class FactAccuracy:
 
     def per_relation(self, k: int = 1) -> pd.Series:
         """Top-k accuracy per relation name."""
-        return self.to_dataframe().assign(ok=self.top(k)).groupby("relation_name", sort=False)["ok"].mean()
+        return (
+            self.to_dataframe()
+            .assign(ok=self.top(k))
+            .groupby("relation_name", sort=False)["ok"]
+            .mean()
+        )
 
     def per_kind(self) -> pd.Series:
         return self.to_dataframe().groupby("kind", sort=False)["top1"].mean()
@@ -110,11 +115,15 @@ def evaluate_facts(
         x = torch.as_tensor(inputs[rows], dtype=torch.long, device=device)
         logits = logits_of(model, x).float()
         # object token j sits at input position 1 + start + j (after the leading <|endoftext|>)
-        pos = torch.as_tensor(obj[rows, :1] + 1 + np.arange(k)[None, :], device=device).clamp(max=width)
+        pos = torch.as_tensor(obj[rows, :1] + 1 + np.arange(k)[None, :], device=device).clamp(
+            max=width
+        )
         target = x.gather(1, pos)
         step = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1]))
         true = step.gather(2, target[..., None])
         rank = (step > true).sum(-1)  # [b, k]: how many tokens beat the true one
-        span = torch.as_tensor((obj[rows, 1] - obj[rows, 0])[:, None] > np.arange(k)[None, :], device=device)
+        span = torch.as_tensor(
+            (obj[rows, 1] - obj[rows, 0])[:, None] > np.arange(k)[None, :], device=device
+        )
         ranks[rows] = torch.where(span, rank, 0).amax(1).cpu().numpy()
     return FactAccuracy(world, facts, ranks, template)

@@ -72,8 +72,11 @@ def hf_config(shape: ModelConfig, tokenizer: WorldTokenizer) -> GPTNeoXConfig:
         intermediate_size=shape.d_mlp,
         hidden_act="gelu",
         max_position_embeddings=shape.n_ctx,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "partial_rotary_factor": shape.rotary_pct},  # fmt: skip
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": shape.rotary_pct,
+        },  # fmt: skip
         use_parallel_residual=True,
         tie_word_embeddings=False,
         attention_dropout=0.0,
@@ -162,10 +165,18 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "world.json", "facts.parquet")
+CHECKPOINT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "world.json",
+    "facts.parquet",
+)
 
 
-def load_hf(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPTNeoXForCausalLM, World, WorldTokenizer]:
+def load_hf(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[GPTNeoXForCausalLM, World, WorldTokenizer]:
     """Load a checkpoint directory as (HF model, world, tokenizer), checking that it is whole.
 
     Raises a clear error for a missing directory or file, a directory that is not a

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import GPTNeoXForCausalLM
 
 from behemoth_interp._io import read_json, write_dir, write_json
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, count_blocks, load_world
@@ -63,10 +64,16 @@ class TrainConfig:
         get_preset(self.preset)
         if self.epochs is None and self.steps is None:
             raise ValueError("give epochs or steps: the run needs a length")
-        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs < 1):
-            raise ValueError(f"steps and epochs must be positive (steps={self.steps}, epochs={self.epochs})")
+        if (self.steps is not None and self.steps < 1) or (
+            self.epochs is not None and self.epochs < 1
+        ):
+            raise ValueError(
+                f"steps and epochs must be positive (steps={self.steps}, epochs={self.epochs})"
+            )
         if self.lr <= 0 or self.batch_size < 1:
-            raise ValueError(f"lr must be > 0 and batch_size >= 1 (lr={self.lr}, batch_size={self.batch_size})")
+            raise ValueError(
+                f"lr must be > 0 and batch_size >= 1 (lr={self.lr}, batch_size={self.batch_size})"
+            )
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"unknown schedule {self.schedule!r}: choose 'constant' or 'cosine'")
         if self.loss_on not in ("all", "object"):
@@ -81,7 +88,9 @@ class TrainConfig:
         if self.schedule == "constant":
             return self.lr
         t = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+        return self.lr * (
+            self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,7 +134,11 @@ class EpochBatches:
         return self._steps[epoch]
 
     def total(self, config: TrainConfig) -> int:
-        return config.steps if config.steps is not None else sum(self.steps_in(e) for e in range(config.epochs))
+        return (
+            config.steps
+            if config.steps is not None
+            else sum(self.steps_in(e) for e in range(config.epochs))
+        )
 
     def locate(self, step: int) -> tuple[int, int]:
         """(epoch, batch index within the epoch) of global step `step`."""
@@ -154,13 +167,16 @@ def train(
     *,
     device: str = "auto",
     resume: bool = False,
+    stop_at: int | None = None,
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Train on the corpus in `world_dir/corpus` and write a checkpoint directory to `out`.
 
     With `resume=True` and a checkpoint with optimizer state in `out`, training continues from
-    its step. Returns the training log (also written to `out/train_log.json`).
+    its step. `stop_at` ends the run after that step with a resumable checkpoint, as an
+    interruption would (for running long trainings in chunks). Returns the training log
+    (also written to `out/train_log.json`).
     """
     world, tokenizer = load_world(world_dir)
     corpus = Corpus.load(Path(world_dir) / "corpus")
@@ -170,7 +186,10 @@ def train(
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=config.lr,
         fused=dev.type == "cuda",
     )
@@ -181,7 +200,9 @@ def train(
     out = Path(out)
     if resume and (out / TRAIN_STATE).is_file():
         step, log = _restore(out, model, opt, config, world)
-    batches = EpochBatches(corpus, config.batch_size, config.seed, tokenizer.pad_id, tokenizer.eot_id)
+    batches = EpochBatches(
+        corpus, config.batch_size, config.seed, tokenizer.pad_id, tokenizer.eot_id
+    )
     total = batches.total(config)
     eval_rows = np.random.default_rng(config.seed).choice(
         world.n_facts, size=min(config.eval_facts, world.n_facts), replace=False
@@ -221,7 +242,8 @@ def train(
             log["history"].append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{acc.accuracy:.3f}")
             running, count = 0.0, 0
-        if step == total or (config.save_every and step % config.save_every == 0):
+        interrupted = step == stop_at and step < total
+        if step == total or interrupted or (config.save_every and step % config.save_every == 0):
             log["wall_seconds"] = time.perf_counter() - started
             log["step"] = step
             if step == total:
@@ -230,6 +252,8 @@ def train(
                 log["final"] = final.summary()
             _save(out, model, opt, tokenizer, world, log, config.save_optimizer or step < total)
             model.train()
+        if interrupted:
+            break
     bar.close()
     return log
 
@@ -256,19 +280,27 @@ def _save(out: Path, model, opt, tokenizer, world, log: dict, with_state: bool) 
 
 
 def _restore(out: Path, model, opt, config: TrainConfig, world) -> tuple[int, dict]:
-    from safetensors.torch import load_file
-
     log = read_json(out / TRAIN_LOG, what="training log")
     if log["world"] != world.config.to_dict():
         raise ValueError(f"{out} was trained on another world: resume with the world it came from")
     if log["train"] != config.to_dict() and {**log["train"], "steps": None, "epochs": None} != {
-        **config.to_dict(), "steps": None, "epochs": None
+        **config.to_dict(),
+        "steps": None,
+        "epochs": None,
     }:
-        raise ValueError(f"{out} was trained with other settings: resume only changes the run length")
-    state = load_file(str(out / "model.safetensors"), device=str(next(model.parameters()).device))
-    missing = model.load_state_dict(state, strict=False).missing_keys
-    if [k for k in missing if "embed_out" not in k and "lm_head" not in k]:
-        raise ValueError(f"{out}/model.safetensors lacks {missing}: not a checkpoint of this model")
+        raise ValueError(
+            f"{out} was trained with other settings: resume only changes the run length"
+        )
+    # from_pretrained, not the raw file: HF renames some weights on save (lm_head <-> embed_out)
+    saved_model = GPTNeoXForCausalLM.from_pretrained(
+        str(out), local_files_only=True, dtype=torch.float32
+    )
+    try:
+        model.load_state_dict(saved_model.state_dict())
+    except RuntimeError as err:
+        raise ValueError(
+            f"{out}/model.safetensors is not a checkpoint of this model shape: {err}"
+        ) from None
     saved = torch.load(out / TRAIN_STATE, map_location=next(model.parameters()).device)
     opt.load_state_dict(saved["optimizer"])
     log["train"] = config.to_dict()
@@ -304,7 +336,13 @@ def capacity_search(
             n = (low + high) // 2
             wdir, mdir = Path(tmp) / f"world{i}", Path(tmp) / f"model{i}"
             build_world(dataclasses.replace(world, n_subjects=n), corpus, wdir)
-            log = train(wdir, mdir, dataclasses.replace(config, save_optimizer=False), device=device, progress=progress)
+            log = train(
+                wdir,
+                mdir,
+                dataclasses.replace(config, save_optimizer=False),
+                device=device,
+                progress=progress,
+            )
             acc = log["final"]["top1"]
             probes.append({"n_subjects": n, "accuracy": acc, "reached": acc >= target})
             low, high = (n + 1, high) if acc >= target else (low, n - 1)

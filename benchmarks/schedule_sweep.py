@@ -73,7 +73,12 @@ def main() -> None:
         for future in as_completed([pool.submit(run, job) for job in jobs]):
             r = future.result()
             results.append(r)
-            print(json.dumps({"name": r["name"], "seconds": round(r["seconds"]), "final": r["final"]}), flush=True)
+            print(
+                json.dumps(
+                    {"name": r["name"], "seconds": round(r["seconds"]), "final": r["final"]}
+                ),
+                flush=True,
+            )
             print("   curve:", r["history"][::2], flush=True)
             Path(a.out).write_text(json.dumps(results, indent=1))
 

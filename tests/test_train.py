@@ -1,0 +1,129 @@
+"""Training: a micro world learns, resume is bit-for-bit, configs validate, capacity search runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from behemoth_interp import CorpusConfig, WorldConfig, build_world
+from behemoth_interp.corpus import Corpus
+from behemoth_interp.train import EpochBatches, TrainConfig, capacity_search, train
+
+MICRO_WORLD = WorldConfig(n_subjects=24, n_relations=2, n_objects=9, seed=4)
+MICRO_TRAIN = dict(
+    preset="tiny", lr=3e-3, warmup_steps=20, schedule="cosine", loss_on="object", eval_every=25
+)
+
+
+@pytest.fixture(scope="module")
+def micro_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("micro") / "world"
+    build_world(MICRO_WORLD, CorpusConfig(block_len=64), path)
+    return path
+
+
+def test_micro_world_learns(micro_dir, tmp_path):
+    config = TrainConfig(steps=150, epochs=None, **MICRO_TRAIN)
+    log = train(micro_dir, tmp_path / "m", config, progress=False)
+    first, last = log["history"][0], log["history"][-1]
+    assert last["loss"] < 0.5 * first["loss"]
+    assert first["accuracy"] <= 0.3 and last["accuracy"] >= 0.6  # chance is 1/9
+    assert log["final"]["top1"] == pytest.approx(last["accuracy"])  # eval set is the whole world
+    saved = json.loads((tmp_path / "m" / "train_log.json").read_text())
+    assert saved["final"] == log["final"] and saved["step"] == 150
+
+
+def test_resume_equals_uninterrupted(micro_dir, tmp_path):
+    straight = TrainConfig(steps=60, epochs=None, **MICRO_TRAIN)
+    train(micro_dir, tmp_path / "a", straight, progress=False)
+    train(micro_dir, tmp_path / "b", straight, stop_at=25, progress=False)
+    assert json.loads((tmp_path / "b" / "train_log.json").read_text())["step"] == 25
+    train(micro_dir, tmp_path / "b", straight, resume=True, progress=False)
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] == b[name]).all(), name
+    log = json.loads((tmp_path / "b" / "train_log.json").read_text())
+    assert [h["step"] for h in log["history"]] == [25, 50, 60]
+    assert log["history"][-1]["loss"] > 0
+
+
+def test_resume_refuses_other_world_or_settings(micro_dir, tmp_path):
+    train(
+        micro_dir, tmp_path / "m", TrainConfig(steps=5, epochs=None, **MICRO_TRAIN), progress=False
+    )
+    other = tmp_path / "other"
+    build_world(
+        WorldConfig(n_subjects=25, n_relations=2, n_objects=9), CorpusConfig(block_len=64), other
+    )
+    with pytest.raises(ValueError, match="another world"):
+        train(other, tmp_path / "m", TrainConfig(steps=10, epochs=None, **MICRO_TRAIN), resume=True)
+    changed = TrainConfig(steps=10, epochs=None, **{**MICRO_TRAIN, "lr": 1e-2})
+    with pytest.raises(ValueError, match="other settings"):
+        train(micro_dir, tmp_path / "m", changed, resume=True)
+
+
+def test_epoch_batches_cover_every_sentence_once_per_epoch(micro_dir):
+    corpus = Corpus.load(micro_dir / "corpus")
+    batches = EpochBatches(corpus, batch_size=3, seed=0, pad_id=1, eot_id=0)
+    per_epoch = batches.steps_in(0)
+    tokens = np.concatenate([batches.batch(s)[0] for s in range(per_epoch)])
+    again = np.concatenate([batches.batch(s)[0] for s in range(per_epoch, 2 * per_epoch)])
+    assert np.array_equal(
+        np.bincount(tokens.ravel()), np.bincount(corpus.tokens.ravel().astype(int))
+    )
+    assert not np.array_equal(tokens, again)  # epoch 1 is packed and ordered afresh
+    assert np.array_equal(tokens, np.concatenate([batches.batch(s)[0] for s in range(per_epoch)]))
+
+
+def test_learning_rate_schedule():
+    c = TrainConfig(
+        lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, steps=110, epochs=None
+    )
+    assert c.lr_at(0, 110) == pytest.approx(0.1)
+    assert c.lr_at(9, 110) == pytest.approx(1.0)
+    assert c.lr_at(60, 110) == pytest.approx(0.55)
+    assert c.lr_at(110, 110) == pytest.approx(0.1)
+    assert TrainConfig(lr=0.5, steps=3, epochs=None).lr_at(2, 3) == 0.5  # the paper: constant
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(epochs=None, steps=None), "epochs or steps"),
+        (dict(steps=0), "positive"),
+        (dict(lr=0.0), "lr must be"),
+        (dict(preset="huge"), "unknown model preset"),
+        (dict(schedule="linear"), "unknown schedule"),
+        (dict(loss_on="subject"), "unknown loss_on"),
+    ],
+)
+def test_bad_train_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_train_config_round_trips():
+    c = TrainConfig(lr=2e-3, steps=7, epochs=None, schedule="cosine", loss_on="object")
+    assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_capacity_search_on_a_tiny_budget(tmp_path):
+    probes = capacity_search(
+        WorldConfig(n_relations=1, n_objects=4),
+        CorpusConfig(block_len=32),
+        TrainConfig(steps=40, epochs=None, **{**MICRO_TRAIN, "eval_every": 40}),
+        target=0.9,
+        low=2,
+        high=64,
+        iterations=3,
+        workdir=tmp_path,
+    )
+    assert [p["n_subjects"] for p in probes][0] == 33
+    for before, after in zip(probes, probes[1:]):  # bisection moves toward the boundary
+        assert (after["n_subjects"] > before["n_subjects"]) == before["reached"]
+    assert all(0 <= p["accuracy"] <= 1 for p in probes)
