@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from behemoth_interp import TEMPLATES, Corpus, CorpusConfig, World, WorldConfig, WorldTokenizer
+from behemoth_interp.corpus import build_world
+from behemoth_interp.model import load_model
+from behemoth_interp.train import TrainConfig, train
 
 WORLD_CONFIGS: dict[str, WorldConfig] = {
     "independent": WorldConfig("independent", n_subjects=40, n_relations=3, n_objects=12, seed=1),
@@ -57,3 +62,55 @@ def _file_bytes(root: Path) -> dict[str, bytes]:
 def tree_bytes():
     """`tree_bytes(dir)`: every file under `dir` by relative path, with its bytes."""
     return _file_bytes
+
+
+# ------------------------------------------------------------------ trained models
+MICRO_WORLD = WorldConfig("independent", n_subjects=40, n_relations=2, n_objects=16, seed=0)
+MICRO_CORPUS = CorpusConfig(block_len=80)
+MICRO_TRAIN = TrainConfig(preset="tiny", lr=3e-3, steps=400, loss_on="object", schedule="cosine",
+                          warmup_steps=50, eval_every=400)  # fmt: skip
+"""A 2-layer model that learns all 80 facts of a 40-subject world (about 15 s on one CPU core)."""
+SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint directory of the micro model, trained once per session."""
+    root = tmp_path_factory.mktemp("micro")
+    build_world(MICRO_WORLD, MICRO_CORPUS, root / "world")
+    threads = torch.get_num_threads()
+    # a 2-layer model gains nothing from threads, and on busy cores their spin-waits make
+    # training 30x slower
+    torch.set_num_threads(1)
+    try:
+        train(root / "world", root / "model", MICRO_TRAIN, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def micro_model(micro_checkpoint):
+    """The micro model as a HookedTransformer with `.world` attached."""
+    return load_model(micro_checkpoint)
+
+
+def finished_checkpoint(name: str) -> Path | None:
+    """data/models/<name> if its training has finished (the final log entry is written)."""
+    path = SHIPPED_MODELS / name
+    log = path / "train_log.json"
+    if not (path / "model.safetensors").is_file() or not log.is_file():
+        return None
+    return path if "final" in json.loads(log.read_text()) else None
+
+
+@pytest.fixture(scope="session", params=["micro", "independent"])
+def fact_model(request, micro_model):
+    """Trained models to check analyses on: the micro model, then the shipped default
+    data/models/independent once it exists and has finished training (skipped before)."""
+    if request.param == "micro":
+        return micro_model
+    path = finished_checkpoint(request.param)
+    if path is None:
+        pytest.skip(f"{SHIPPED_MODELS / request.param} is missing or still training")
+    return load_model(path)

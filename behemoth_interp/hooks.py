@@ -1,0 +1,419 @@
+"""The hook layer: named sites and positions, and the three primitives every analysis uses.
+
+Sites name one activation at one layer (`Site("mlp_post", 2)`, or `"mlp_post.2"`):
+- 'resid_pre': the residual stream entering the block  [batch pos d_model]
+- 'attn_out':  the attention block's output             [batch pos d_model]
+- 'mlp_post':  the MLP's post-activation coefficients   [batch pos d_mlp]
+- 'mlp_out':   the MLP block's output                   [batch pos d_model]
+- 'head':      each head's output before W_O (hook_z)   [batch pos head d_head]
+Model inputs are `<|endoftext|>` + a rendered prompt (`build_inputs`); positions are named from
+the sentence's spans ('subject', 'last_subject', 'relation', 'object', 'last', 'all', 'each'),
+by token label ('SS', 'subject[1]', 'F0') or given as integer indices into the input.
+The primitives are `capture` (activations, and gradients of a scalar, at sites), `patch` (a run
+with activations replaced where a per-row mask says) and `swap_params` (another model's
+parameters for the duration of a block).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from behemoth_interp.grammar import get_template, render
+from behemoth_interp.tokenizer import WorldTokenizer
+from behemoth_interp.world import World
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+SITE_KINDS = ("resid_pre", "attn_out", "mlp_post", "mlp_out", "head")
+"""Every site kind; 'head' activations carry a head axis after pos."""
+_HOOK_NAMES = {
+    "resid_pre": "blocks.{}.hook_resid_pre",
+    "attn_out": "blocks.{}.hook_attn_out",
+    "mlp_post": "blocks.{}.mlp.hook_post",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+    "head": "blocks.{}.attn.hook_z",
+}
+POSITION_NAMES = ("each", "all", "last", "subject", "last_subject", "relation", "object")
+"""Named positions: 'each' is one group per input position, the others one group each."""
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One activation of one layer: `kind` is one of `SITE_KINDS`."""
+
+    kind: str
+    layer: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"unknown site {self.kind!r}: choose one of {', '.join(SITE_KINDS)}")
+        if self.layer < 0:
+            raise ValueError(f"site {self.kind}.{self.layer}: layers count from 0")
+
+    @property
+    def hook_name(self) -> str:
+        """The TransformerLens hook point of this site."""
+        return _HOOK_NAMES[self.kind].format(self.layer)
+
+    @property
+    def has_heads(self) -> bool:
+        return self.kind == "head"
+
+    def __str__(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+    @classmethod
+    def parse(cls, text: str) -> Site:
+        """'mlp_post.2' -> Site('mlp_post', 2)."""
+        kind, dot, layer = text.rpartition(".")
+        if not dot or not layer.isdigit():
+            raise ValueError(
+                f"site {text!r} must be '<kind>.<layer>', e.g. 'mlp_post.2', or a bare kind"
+            )
+        return cls(kind, int(layer))
+
+
+SiteSpec = str | Site | Iterable[str | Site]
+
+
+def resolve_sites(model: HookedTransformer, sites: SiteSpec) -> list[Site]:
+    """Sites from a spec: a bare kind ('resid_pre') means every layer, 'resid_pre.3' one layer."""
+    items = [sites] if isinstance(sites, (str, Site)) else list(sites)
+    n_layers = model.cfg.n_layers
+    out: list[Site] = []
+    for item in items:
+        if isinstance(item, str) and "." not in item:
+            out.extend(Site(item, layer) for layer in range(n_layers))
+            continue
+        site = item if isinstance(item, Site) else Site.parse(item)
+        if site.layer >= n_layers:
+            raise ValueError(f"site {site} is out of range: the model has layers 0..{n_layers - 1}")
+        out.append(site)
+    return list(dict.fromkeys(out))
+
+
+# ---------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Inputs:
+    """Model inputs for tuples in one layout: `<|endoftext|>` + prompt + fed object tokens.
+
+    `spans` give (start, end) in input coordinates (the leading `<|endoftext|>` is position 0),
+    `labels` name every position by its template part ('SS', 'subject[0]', 'F0', ...).
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    facts: np.ndarray
+    spans: dict[str, tuple[int, int]]
+    labels: tuple[str, ...]
+
+    @property
+    def n_pos(self) -> int:
+        return self.tokens.shape[1]
+
+    def positions(
+        self, spec: str | int | Sequence[str | int]
+    ) -> tuple[tuple[str, ...], Bool[Tensor, "group pos"]]:
+        """Position groups of a spec, as (labels, mask [group, pos]).
+
+        A name ('subject', 'last', ...), a token label ('SS', 'subject[1]') or an int (index into
+        the input, negatives from the end) is one group; 'each' expands to one group per
+        position; a list concatenates groups.
+        """
+        items = [spec] if isinstance(spec, (str, int)) else list(spec)
+        labels: list[str] = []
+        rows: list[np.ndarray] = []
+        for item in items:
+            if item == "each":
+                labels.extend(self.labels)
+                rows.extend(np.eye(self.n_pos, dtype=bool))
+                continue
+            mask = np.zeros(self.n_pos, dtype=bool)
+            if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+                if not -self.n_pos <= item < self.n_pos:
+                    raise ValueError(
+                        f"position {item} is out of range: inputs have {self.n_pos} positions "
+                        f"(0..{self.n_pos - 1}, or -{self.n_pos}..-1 from the end)"
+                    )
+                mask[item] = True
+                labels.append(self.labels[item])
+            else:
+                mask[self._named(str(item))] = True
+                labels.append(str(item))
+            rows.append(mask)
+        if not rows:
+            raise ValueError("no positions given: name at least one, e.g. positions='each'")
+        return tuple(labels), torch.as_tensor(np.stack(rows), device=self.tokens.device)
+
+    def _named(self, name: str) -> slice:
+        spans = self.spans
+        if name == "all":
+            return slice(0, self.n_pos)
+        if name == "last":
+            return slice(self.n_pos - 1, self.n_pos)
+        if name == "last_subject":
+            return slice(spans["subject"][1] - 1, spans["subject"][1])
+        if name in spans and spans[name][1] > spans[name][0]:
+            return slice(*spans[name])
+        if name in self.labels:
+            i = self.labels.index(name)
+            return slice(i, i + 1)
+        known = [p for p in POSITION_NAMES if p != "object" or "object" in spans] + [
+            k for k in spans if k not in POSITION_NAMES
+        ]
+        raise ValueError(
+            f"unknown position {name!r}: choose one of {', '.join(known)}, a token label "
+            f"({', '.join(self.labels)}) or an int"
+        )
+
+
+def build_inputs(
+    world: World,
+    tokenizer: WorldTokenizer,
+    facts: np.ndarray,
+    *,
+    template: str = "paper",
+    object_tokens: int = 0,
+    device: str | torch.device = "cpu",
+) -> Inputs:
+    """`<|endoftext|>` + each tuple's prompt + its first `object_tokens` object tokens.
+
+    All tuples must render in one layout (one template; relations whose entities have the same
+    token counts), so the batch needs no padding and positions mean the same in every row.
+    """
+    facts = np.asarray(facts, dtype=np.int64).reshape(-1, 3)
+    if not len(facts):
+        raise ValueError("no tuples given: pass an array [n, 3] of (subject, relation, object)")
+    sent = render(world, tokenizer, facts, template)
+    if not sent.uniform:
+        raise ValueError(
+            "these tuples render with different layouts (their relations' entities have different "
+            "token counts): pass the relations of one kind at a time"
+        )
+    obj_start, obj_end = (int(x) for x in sent.spans["object"][0])
+    if not 0 <= object_tokens <= obj_end - obj_start:
+        raise ValueError(
+            f"object_tokens={object_tokens}: objects here have {obj_end - obj_start} tokens"
+        )
+    length = obj_start + object_tokens
+    tokens = np.concatenate(
+        [np.full((len(facts), 1), tokenizer.eot_id), sent.tokens[:, :length]], 1
+    )
+    spans = {k: (int(v[0, 0]) + 1, min(int(v[0, 1]), length) + 1) for k, v in sent.spans.items()}
+    labels = ("EOT", *_part_labels(template, sent.spans, sent.tokens.shape[1])[:length])
+    return Inputs(torch.as_tensor(tokens, dtype=torch.long, device=device), facts, spans, labels)
+
+
+def _part_labels(template: str, spans: dict[str, np.ndarray], width: int) -> list[str]:
+    """A name per sentence token: the template part, 'subject[i]' for entity tokens."""
+    slot = {"<s>": "subject", "<r>": "relation", "<o>": "object", "<choices>": "choices"}
+    labels: list[str] = []
+    for part in get_template(template).parts:
+        if part in slot:
+            start, end = spans[slot[part]][0]
+            labels.extend(f"{slot[part]}[{i}]" for i in range(end - start))
+        else:
+            labels.append(part)
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):  # a repeated filler stays distinguishable
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label}#{seen[label]}"
+    return labels[:width]
+
+
+# ---------------------------------------------------------------------------------- patches
+@dataclass(frozen=True)
+class Patch:
+    """Replace `site`'s activation where `mask` is true with `source[rows]`.
+
+    mask: bool [batch, pos] ([batch, pos, head] for 'head' sites; the batch axis may be left
+    out to patch every row alike). source: activations [n_source, pos, ...] of the site's shape,
+    e.g. from `capture`; rows: int [batch], the source row of each batch row (default: the same
+    row). One patch can thus serve a batch that stacks many patch indices.
+    """
+
+    site: Site
+    source: Tensor
+    mask: Tensor
+    rows: Tensor | None = None
+
+
+@dataclass
+class Capture:
+    """What `capture` returns: logits, activations per site, and gradients if asked for."""
+
+    logits: Float[Tensor, "batch pos vocab"]
+    acts: dict[Site, Tensor]
+    grads: dict[Site, Tensor] = field(default_factory=dict)
+    value: Tensor | None = None
+
+    def __getitem__(self, site: Site | str) -> Tensor:
+        key = site if isinstance(site, Site) else Site.parse(site)
+        if key not in self.acts:
+            raise KeyError(
+                f"site {key} was not captured: captured {', '.join(map(str, self.acts))}"
+            )
+        return self.acts[key]
+
+
+def capture(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    sites: SiteSpec,
+    *,
+    patches: Sequence[Patch] = (),
+    grad_of: Callable[[Float[Tensor, "batch pos vocab"]], Tensor] | None = None,
+) -> Capture:
+    """Run `model` on `tokens` (with `patches` applied) and keep the activations at `sites`.
+
+    With `grad_of`, a function of the logits, also return the gradient of its sum with respect
+    to each captured activation (attribution patching needs both in one pass). Activations are
+    recorded after any patch at the same site.
+    """
+    chosen = resolve_sites(model, sites) if sites else []
+    acts: dict[Site, Tensor] = {}
+
+    def record(site: Site) -> Callable[[Tensor], None]:
+        def keep(act: Tensor) -> None:
+            acts[site] = act
+
+        return keep
+
+    hooks = _hooks(model, tokens, patches, {s: record(s) for s in chosen})
+    if grad_of is None:
+        with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+            logits = model(tokens, return_type="logits")
+        return Capture(logits, acts)
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        logits = model(tokens, return_type="logits")
+        value = grad_of(logits)
+        grads = torch.autograd.grad(value.sum(), [acts[s] for s in chosen], allow_unused=True)
+    return Capture(
+        logits.detach(),
+        {s: a.detach() for s, a in acts.items()},
+        {
+            s: torch.zeros_like(acts[s]) if g is None else g
+            for s, g in zip(chosen, grads, strict=True)
+        },
+        value.detach(),
+    )
+
+
+def patch(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], patches: Sequence[Patch]
+) -> Float[Tensor, "batch pos vocab"]:
+    """Logits of `model` on `tokens` with `patches` applied (in order, per batch row)."""
+    return capture(model, tokens, (), patches=patches).logits
+
+
+def _hooks(model, tokens: Tensor, patches: Sequence[Patch], records: Mapping[Site, Callable]):
+    """One TransformerLens hook per hook point: apply its patches, then record the result."""
+    n_layers = model.cfg.n_layers
+    by_site: dict[Site, list[Patch]] = {}
+    for p in patches:
+        if p.site.layer >= n_layers:
+            raise ValueError(
+                f"patch site {p.site} is out of range: the model has layers 0..{n_layers - 1}"
+            )
+        by_site.setdefault(p.site, []).append(p)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+
+    def make(site: Site):
+        todo, keep = by_site.get(site, []), records.get(site)
+
+        def hook(act: Tensor, hook) -> Tensor:
+            for p in todo:
+                act = _apply(act, p)
+            if keep is not None:
+                keep(act)
+            return act
+
+        return hook
+
+    return [(site.hook_name, make(site)) for site in sorted(set(by_site) | set(records))]
+
+
+def _apply(act: Tensor, p: Patch) -> Tensor:
+    want = 3 if p.site.has_heads else 2
+    mask = p.mask.to(device=act.device, dtype=torch.bool)
+    if tuple(mask.shape) == tuple(act.shape[1:want]):
+        mask = mask.expand(act.shape[0], *mask.shape)
+    if tuple(mask.shape) != tuple(act.shape[:want]):
+        axes = "pos, head" if p.site.has_heads else "pos"
+        raise ValueError(
+            f"patch mask for {p.site} has shape {tuple(p.mask.shape)}: the activation "
+            f"{tuple(act.shape)} needs [batch, {axes}] = {tuple(act.shape[:want])} or "
+            f"[{axes}] = {tuple(act.shape[1:want])}"
+        )
+    if tuple(p.source.shape[1:]) != tuple(act.shape[1:]):
+        raise ValueError(
+            f"patch source for {p.site} has shape {tuple(p.source.shape)}, the activation is "
+            f"{tuple(act.shape)}: capture the source on inputs of the same length and model shape"
+        )
+    hit = mask.flatten(1).any(1).nonzero().squeeze(1)
+    if not len(hit):
+        return act
+    rows = hit if p.rows is None else p.rows.to(act.device)[hit]
+    source = p.source[rows].to(act.dtype)
+    if torch.is_grad_enabled() and source.is_inference():
+        source = source.clone()  # an inference tensor cannot take part in autograd
+    m = mask[hit].reshape(*mask[hit].shape, *([1] * (act.ndim - want)))
+    return act.index_put((hit,), torch.where(m, source, act[hit]))
+
+
+# ---------------------------------------------------------------------------------- parameters
+@contextmanager
+def swap_params(
+    model: torch.nn.Module,
+    other: torch.nn.Module | Mapping[str, Tensor],
+    names: str | Sequence[str],
+) -> Iterator[list[str]]:
+    """Within the block, `model`'s parameters named by `names` hold `other`'s values.
+
+    `names` are parameter names or glob patterns ('blocks.0.mlp.*', '*.W_in'); `other` is a
+    model of the same shape or a state dict. The original values come back on exit, also when
+    the block raises. Yields the swapped names.
+    """
+    source = other.state_dict() if isinstance(other, torch.nn.Module) else dict(other)
+    params = dict(model.named_parameters())
+    chosen: list[str] = []
+    for pattern in [names] if isinstance(names, str) else list(names):
+        hits = [n for n in params if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(
+                f"no parameter matches {pattern!r}: names look like "
+                f"{', '.join(list(params)[:4])}, ..."
+            )
+        chosen.extend(h for h in hits if h not in chosen)
+    for name in chosen:
+        if name not in source:
+            raise ValueError(
+                f"the other model has no parameter {name!r}: swap between models of one "
+                "architecture"
+            )
+        if source[name].shape != params[name].shape:
+            raise ValueError(
+                f"{name} has shape {tuple(params[name].shape)} here and "
+                f"{tuple(source[name].shape)} in the other model: swap between models of one shape"
+            )
+    saved = {n: params[n].detach().clone() for n in chosen}
+    try:
+        with torch.no_grad():
+            for n in chosen:
+                params[n].copy_(source[n])
+        yield chosen
+    finally:
+        with torch.no_grad():
+            for n in chosen:
+                params[n].copy_(saved[n])

@@ -1,0 +1,629 @@
+"""Causal tracing of facts: restore clean activations in a corrupted run, measure the IOI metric.
+
+For each clean tuple (s, r, o) the corrupted run is either another subject's prompt of the same
+relation ('swap', Behemoth section 6.1) or the clean prompt with Gaussian noise on the subject
+embeddings ('noise', Meng et al. 2022). Objects have two tokens, so by default the partner's
+object shares the first token, that token is fed (teacher-forced) and the metric is read on the
+second. Clean activations are restored at one site, layer, position group (and head) at a time:
+
+    M = (LD_restored - LD_corrupted) / (LD_clean - LD_corrupted)      (IOI metric, Behemoth eq. 1)
+
+with LD = logit(correct token) - logit(incorrect token). Every patch index of every tuple is one
+row of a stacked batch (`hooks.patch`), so an exact trace is a few large forward passes;
+`method="attribution"` estimates all of it from one forward and backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from behemoth_interp._io import read_json, write_dir, write_json
+from behemoth_interp.grammar import get_template
+from behemoth_interp.hooks import (
+    SITE_KINDS,
+    Capture,
+    Inputs,
+    Patch,
+    Site,
+    build_inputs,
+    capture,
+    patch,
+)
+from behemoth_interp.tokenizer import WorldTokenizer
+from behemoth_interp.world import World
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+TRACE_FORMAT = "behemoth-trace/1"
+Corruption = Literal["swap", "noise"]
+Metric = Literal["ioi", "logit_diff", "prob"]
+Method = Literal["exact", "attribution"]
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """What a trace measures. `trace` builds one from its keyword arguments.
+
+    sites: site kinds, each traced at every layer. positions: names ('subject', 'last', 'each',
+    ...) or input indices (see `hooks.Inputs.positions`). object_token: which object token the
+    metric reads (-1: the last, the paper's choice; 0: the first). metric: 'ioi' (eq. 1),
+    'logit_diff' (LD_restored - LD_corrupted, unnormalized) or 'prob' (eq. 1 on the correct
+    token's probability). noise: standard deviations of subject embeddings ('noise' corruption).
+    """
+
+    sites: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_post")
+    positions: tuple[str | int, ...] = ("each",)
+    corruption: Corruption = "swap"
+    metric: Metric = "ioi"
+    method: Method = "exact"
+    object_token: int = -1
+    template: str = "paper"
+    noise: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("sites", "positions"):
+            value = getattr(self, name)
+            object.__setattr__(
+                self, name, (value,) if isinstance(value, (str, int)) else tuple(value)
+            )
+        if not self.sites:
+            raise ValueError(f"no sites given: choose some of {', '.join(SITE_KINDS)}")
+        for kind in self.sites:
+            if kind not in SITE_KINDS:
+                raise ValueError(f"unknown site {kind!r}: choose some of {', '.join(SITE_KINDS)}")
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"sites {self.sites} name a site twice")
+        choices = {"corruption": ("swap", "noise"), "metric": ("ioi", "logit_diff", "prob"),
+                   "method": ("exact", "attribution")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}"
+                )
+        get_template(self.template)
+        if self.noise <= 0:
+            raise ValueError(
+                f"noise must be positive (a multiple of the embedding std), got {self.noise}"
+            )
+
+    @property
+    def needs_partners(self) -> bool:
+        """Swapped subjects need partners; so does a metric that names an incorrect token."""
+        return self.corruption == "swap" or self.metric != "prob"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sites"], d["positions"] = list(self.sites), list(self.positions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TraceConfig:
+        return cls(**{**d, "sites": tuple(d["sites"]), "positions": tuple(d["positions"])})
+
+
+# ---------------------------------------------------------------------------------- results
+@dataclass
+class TraceResult:
+    """Per-tuple restoration scores with their axes.
+
+    `scores[kind]` is [tuple, layer, position] ([tuple, layer, position, head] for 'head');
+    `positions` labels the position axis, `tuples` / `partners` are [n, 3] (partners -1 where
+    none was needed), `clean` / `corrupted` the raw metric (logit difference, or probability) of
+    the two reference runs. `mean[kind]` averages over tuples.
+    """
+
+    scores: dict[str, Tensor]
+    tuples: np.ndarray
+    partners: np.ndarray
+    positions: tuple[str, ...]
+    relation_names: tuple[str, ...]
+    clean: np.ndarray
+    corrupted: np.ndarray
+    config: TraceConfig
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(self.scores)
+
+    @property
+    def n_layers(self) -> int:
+        return next(iter(self.scores.values())).shape[1]
+
+    @property
+    def mean(self) -> dict[str, Tensor]:
+        return {k: v.mean(0) for k, v in self.scores.items()}
+
+    def subset(self, rows) -> TraceResult:
+        """The result for some tuples only (a boolean mask or indices)."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        if not len(rows):
+            raise ValueError("the subset selects no tuples")
+        idx = torch.as_tensor(rows)
+        return dataclasses.replace(
+            self, scores={k: v[idx] for k, v in self.scores.items()}, tuples=self.tuples[rows],
+            partners=self.partners[rows], clean=self.clean[rows], corrupted=self.corrupted[rows],
+        )  # fmt: skip
+
+    def for_relation(self, relation: int | str) -> TraceResult:
+        """The result for the tuples of one relation, given by id or name ('r0', 'r1~', ...)."""
+        if isinstance(relation, str) and relation not in self.relation_names:
+            raise ValueError(
+                f"unknown relation {relation!r}: choose one of {', '.join(self.relation_names)}"
+            )
+        rel = self.relation_names.index(relation) if isinstance(relation, str) else relation
+        rows = self.tuples[:, 1] == rel
+        if not rows.any():
+            traced = sorted({self.relation_names[r] for r in self.tuples[:, 1]})
+            raise ValueError(
+                f"no traced tuple has relation {relation!r}: traced {', '.join(traced)}"
+            )
+        return self.subset(rows)
+
+    def to_dataframe(self, per_tuple: bool = False) -> pd.DataFrame:
+        """Long format: site, layer, position, head (NA off 'head'), score (mean over tuples).
+
+        With `per_tuple`, one row per tuple and index, with subject, relation, object and
+        relation_name instead of the mean.
+        """
+        frames = []
+        for kind, t in self.scores.items():
+            values = t if per_tuple else t.mean(0, keepdim=True)
+            grid = np.indices(values.shape).reshape(values.ndim, -1)
+            frame = pd.DataFrame({
+                "site": kind,
+                "layer": grid[1],
+                "position": np.asarray(self.positions, dtype=object)[grid[2]],
+                "head": pd.array(grid[3] if t.ndim == 4 else [pd.NA] * len(grid[0]), "Int64"),
+                "score": values.reshape(-1).cpu().numpy(),
+            })  # fmt: skip
+            if per_tuple:
+                rows = self.tuples[grid[0]]
+                names = np.asarray(self.relation_names, dtype=object)[rows[:, 1]]
+                frame.insert(0, "relation_name", names)
+                for i, col in enumerate(("subject", "relation", "object")):
+                    frame.insert(i, col, rows[:, i])
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+    def by_relation(self) -> pd.DataFrame:
+        """Mean score per relation, in long format with `relation` and `relation_name` columns."""
+        frames = []
+        for rel in np.unique(self.tuples[:, 1]):
+            sub = self.subset(self.tuples[:, 1] == rel).to_dataframe()
+            sub.insert(0, "relation_name", self.relation_names[rel])
+            sub.insert(0, "relation", int(rel))
+            frames.append(sub)
+        return pd.concat(frames, ignore_index=True)
+
+    def top(self, k: int = 10, site: str | None = None) -> pd.DataFrame:
+        """The `k` (site, layer, position, head) indices with the highest mean score."""
+        df = self.to_dataframe()
+        if site is not None:
+            df = df[df["site"] == site]
+        return (
+            df.sort_values("score", ascending=False, kind="stable").head(k).reset_index(drop=True)
+        )
+
+    def heatmap(
+        self,
+        sites: list[str] | None = None,
+        *,
+        relation: int | str | None = None,
+        title: str | None = None,
+    ):
+        """Plotly heatmaps of the mean score, one panel per site: layers x token positions.
+
+        The 'head' panel has one row per (layer, head). Layer 0 is at the top, as in the paper.
+        """
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        res = self if relation is None else self.for_relation(relation)
+        sites = list(sites or self.sites)
+        for kind in sites:
+            if kind not in self.scores:
+                raise ValueError(f"site {kind!r} was not traced: traced {', '.join(self.sites)}")
+        fig = make_subplots(rows=1, cols=len(sites), subplot_titles=sites, horizontal_spacing=0.08)
+        for col, kind in enumerate(sites, start=1):
+            m = res.mean[kind].cpu()
+            if m.ndim == 3:
+                n_heads = m.shape[2]
+                z = m.permute(0, 2, 1).reshape(-1, m.shape[1])
+                y = [f"L{layer}.H{h}" for layer in range(m.shape[0]) for h in range(n_heads)]
+            else:
+                z, y = m, [f"L{layer}" for layer in range(m.shape[0])]
+            hover = "%{y} %{x}: %{z:.3f}<extra></extra>"
+            heat = go.Heatmap(z=z.numpy(), x=list(res.positions), y=y, coloraxis="coloraxis",
+                              hovertemplate=hover)  # fmt: skip
+            fig.add_trace(heat, 1, col)
+            fig.update_yaxes(autorange="reversed", row=1, col=col)
+        cfg = self.config
+        what = f"{cfg.method} {cfg.corruption} trace, {cfg.metric} metric, {len(res.tuples)} tuples"
+        if relation is not None:
+            what += f", relation {relation}"
+        rows = max(len(trace.y) for trace in fig.data)
+        fig.update_layout(title=title or what, coloraxis={"colorscale": "RdBu", "cmid": 0},
+                          height=max(350, 22 * rows))  # fmt: skip
+        return fig
+
+    plot = heatmap
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write `trace.json` (config, axes) and `scores.safetensors` into directory `path`."""
+        from safetensors.torch import save_file
+
+        tensors = {f"scores/{k}": v.detach().cpu().contiguous() for k, v in self.scores.items()}
+        for name in ("tuples", "partners", "clean", "corrupted"):
+            tensors[name] = torch.as_tensor(np.ascontiguousarray(getattr(self, name)))
+        meta = {"format": TRACE_FORMAT, "config": self.config.to_dict(), "sites": list(self.sites),
+                "positions": list(self.positions),
+                "relation_names": list(self.relation_names)}  # fmt: skip
+
+        def fill(tmp: Path) -> None:
+            save_file(tensors, str(tmp / "scores.safetensors"))
+            write_json(tmp / "trace.json", meta)
+
+        return write_dir(path, fill, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TraceResult:
+        """Read a trace written by `save`."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = read_json(path / "trace.json", what="trace description (trace.json)")
+        if meta.get("format") != TRACE_FORMAT:
+            raise ValueError(
+                f"{path}/trace.json has format {meta.get('format')!r}, expected {TRACE_FORMAT!r}"
+            )
+        t = load_file(str(path / "scores.safetensors"))
+        return cls(
+            scores={k: t[f"scores/{k}"] for k in meta["sites"]},
+            tuples=t["tuples"].numpy(), partners=t["partners"].numpy(),
+            positions=tuple(meta["positions"]), relation_names=tuple(meta["relation_names"]),
+            clean=t["clean"].numpy(), corrupted=t["corrupted"].numpy(),
+            config=TraceConfig.from_dict(meta["config"]),
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}{list(v.shape[1:])}" for k, v in self.scores.items())
+        c = self.config
+        what = f"{c.method} {c.corruption}/{c.metric}"
+        return f"TraceResult({len(self.tuples)} tuples, {what}: {shapes})"
+
+
+# ---------------------------------------------------------------------------------- tuples
+def check_tuples(world: World, tuples) -> np.ndarray:
+    """Tuples as an int64 array [n, 3], raising if one is not a fact of `world`."""
+    facts = np.asarray(tuples)
+    if facts.ndim == 1 and facts.shape == (3,):
+        facts = facts[None]
+    if facts.ndim != 2 or facts.shape[1] != 3 or not len(facts):
+        raise ValueError(
+            "tuples must be a non-empty array [n, 3] of (subject, relation, object), "
+            f"got shape {facts.shape}"
+        )
+    facts = facts.astype(np.int64)
+    truth = world.objects_of(facts[:, 0], facts[:, 1])
+    bad = np.flatnonzero(truth != facts[:, 2])
+    if len(bad):
+        s, r, o = (int(x) for x in facts[bad[0]])
+        raise ValueError(
+            f"tuple (s={s}, r={r}, o={o}) is not in this world: "
+            f"({s}, {world.relation_name(r)}) has object {int(truth[bad[0]])} "
+            f"({len(bad)} of {len(facts)} tuples are not facts)"
+        )
+    return facts
+
+
+def _object_digits(world: World, tokenizer: WorldTokenizer, facts: np.ndarray) -> np.ndarray:
+    """Object token ids [n, k] of tuples (relations may differ in object space)."""
+    spaces = np.array([world.object_space(int(r)) for r in facts[:, 1]], dtype=object)
+    k = {tokenizer.n_tokens(s) for s in set(spaces)}
+    if len(k) > 1:
+        raise ValueError(
+            "these tuples' objects have different token counts: trace one relation kind at a time"
+        )
+    out = np.empty((len(facts), k.pop()), dtype=np.int64)
+    for space in set(spaces):
+        rows = spaces == space
+        out[rows] = tokenizer.entity_tokens(space, facts[rows, 2])
+    return out
+
+
+def _token_index(object_token: int, k: int) -> int:
+    if not -k <= object_token < k:
+        raise ValueError(
+            f"object_token={object_token}, but objects have {k} tokens: use 0..{k - 1} or -{k}..-1"
+        )
+    return object_token % k
+
+
+def find_partners(world: World, tuples, *, object_token: int = -1, seed: int = 0) -> np.ndarray:
+    """A corruption partner for each tuple: same relation, another subject, and an object that
+    shares the object tokens before `object_token` and differs at it (Behemoth section 6.1).
+
+    Drawn uniformly with `seed` among all such tuples of the world; rows are -1 where a tuple
+    has none. Returns [n, 3].
+    """
+    facts = check_tuples(world, tuples)
+    tokenizer = WorldTokenizer(world.config)
+    u = np.random.default_rng(seed).random(len(facts))
+    out = np.full_like(facts, -1)
+    for r in np.unique(facts[:, 1]):
+        rows = np.flatnonzero(facts[:, 1] == r)
+        subjects = np.arange(world.n_subjects_of(int(r)))
+        objects = world.objects_of(subjects, np.full_like(subjects, r))
+        toks = tokenizer.entity_tokens(world.object_space(int(r)), objects).astype(np.int64)
+        j = _token_index(object_token, toks.shape[1])
+        prefix = (
+            np.unique(toks[:, :j], axis=0, return_inverse=True)[1].ravel()
+            if j
+            else np.zeros(len(toks), np.int64)
+        )
+        key = prefix * (int(toks[:, j].max()) + 1) + toks[:, j]
+        order = np.argsort(key, kind="stable")
+        # subjects sorted by (prefix, token j): a tuple's candidates are its prefix block minus
+        # its own token-j block, so a uniform draw over that count picks one without a loop
+        q = facts[rows, 0]
+        g0, g1 = (np.searchsorted(prefix[order], prefix[q], side=s) for s in ("left", "right"))
+        b0, b1 = (np.searchsorted(key[order], key[q], side=s) for s in ("left", "right"))
+        count = (g1 - g0) - (b1 - b0)
+        pick = np.floor(u[rows] * count).astype(np.int64)
+        idx = np.where(pick < b0 - g0, g0 + pick, b1 + pick - (b0 - g0))
+        ok = count > 0
+        partner = order[np.minimum(idx, len(order) - 1)][ok]
+        out[rows[ok]] = np.stack([partner, np.full_like(partner, r), objects[partner]], axis=1)
+    return out
+
+
+def sample_tuples(
+    world: World,
+    n_per_relation: int,
+    *,
+    relations: list[int] | None = None,
+    object_token: int = -1,
+    seed: int = 0,
+) -> np.ndarray:
+    """Up to `n_per_relation` tuples of each relation that have a corruption partner, seeded."""
+    facts = world.facts(relations)
+    facts = facts[find_partners(world, facts, object_token=object_token, seed=seed)[:, 0] >= 0]
+    rng = np.random.default_rng(seed)
+    keep = [
+        rng.permutation(np.flatnonzero(facts[:, 1] == r))[:n_per_relation]
+        for r in np.unique(facts[:, 1])
+    ]
+    return facts[np.sort(np.concatenate(keep))] if keep else facts
+
+
+def _check_partners(
+    world: World, tokenizer: WorldTokenizer, facts: np.ndarray, partners, j: int
+) -> np.ndarray:
+    partners = check_tuples(world, partners)
+    if partners.shape != facts.shape:
+        raise ValueError(
+            f"partners must match the tuples row for row: got {len(partners)} "
+            f"for {len(facts)} tuples"
+        )
+    a, b = _object_digits(world, tokenizer, facts), _object_digits(world, tokenizer, partners)
+    bad = (
+        (partners[:, 1] != facts[:, 1])
+        | (partners[:, 0] == facts[:, 0])
+        | (a[:, :j] != b[:, :j]).any(1)
+        | (a[:, j] == b[:, j])
+    )
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"partner {tuple(partners[i].tolist())} of tuple {tuple(facts[i].tolist())} is not "
+            "a valid corruption: it needs the same relation, another subject, and an object that "
+            f"shares the tokens before object token {j} and differs at it (see find_partners)"
+        )
+    return partners
+
+
+def _world_of(model: HookedTransformer, world: World | None) -> tuple[World, WorldTokenizer]:
+    world = world if world is not None else getattr(model, "world", None)
+    if world is None:
+        raise ValueError(
+            "the model carries no world: load it with bi.load_model(checkpoint) or pass world="
+        )
+    tokenizer = WorldTokenizer(world.config)
+    attached = getattr(model, "world_tokenizer", None)
+    # equal vocabulary sizes can still partition the tokens differently: compare the layouts
+    layout = attached.config.token_spaces() if attached is not None else None
+    if model.cfg.d_vocab != tokenizer.vocab_size or layout not in (
+        None,
+        world.config.token_spaces(),
+    ):
+        raise ValueError(
+            f"the model's tokenizer is not this world's: the model has {model.cfg.d_vocab} tokens "
+            f"laid out for {layout}, the world needs {tokenizer.vocab_size} laid out for "
+            f"{world.config.token_spaces()} (entities, tokens each). Trace a model with the world "
+            "it was trained on (bi.load_model attaches it)"
+        )
+    return world, tokenizer
+
+
+# ---------------------------------------------------------------------------------- trace
+def trace(
+    model: HookedTransformer,
+    tuples: Int[np.ndarray, "n 3"],
+    *,
+    sites: tuple[str, ...] | str = ("resid_pre", "attn_out", "mlp_post"),
+    positions: str | int | tuple[str | int, ...] = "each",
+    corruption: Corruption = "swap",
+    metric: Metric = "ioi",
+    method: Method = "exact",
+    object_token: int = -1,
+    template: str = "paper",
+    partners: np.ndarray | None = None,
+    noise: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 1024,
+    world: World | None = None,
+) -> TraceResult:
+    """Causal tracing of `tuples` [n, 3] in `model` (a HookedTransformer from `load_model`).
+
+    Restores clean activations at every layer of each site kind and each position group in a
+    corrupted run and scores the recovery with `metric` (see `TraceConfig`). `partners` [n, 3]
+    overrides the seeded choice of `find_partners`; `method="attribution"` replaces the patched
+    runs by a first-order estimate. `batch_size` is rows per forward pass. Returns a TraceResult.
+    """
+    config = TraceConfig(
+        sites, positions, corruption, metric, method, object_token, template, noise, seed
+    )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    run = _Runs.build(model, tuples, config, partners, world)
+    labels, groups = run.clean.positions(config.positions)
+    all_sites = [Site(kind, layer) for kind in config.sites for layer in range(model.cfg.n_layers)]
+    clean = capture(model, run.clean.tokens, [*all_sites, Site("resid_pre", 0)])
+    v_clean = run.value(clean.logits)
+    if config.corruption == "noise":
+        run.corruption = _noise_patches(model, run, clean, config)
+    if method == "exact":
+        v_corrupt = run.value(patch(model, run.corrupted, run.corruption))
+        scale = v_clean - v_corrupt if metric != "logit_diff" else torch.ones_like(v_clean)
+        scores = _exact(model, run, clean, groups, config.sites, v_corrupt, scale, batch_size)
+    else:
+        corrupt = capture(
+            model, run.corrupted, all_sites, patches=run.corruption, grad_of=run.value
+        )
+        v_corrupt = corrupt.value
+        scale = v_clean - v_corrupt if metric != "logit_diff" else torch.ones_like(v_clean)
+        scores = _attribution(clean, corrupt, groups, config.sites, scale)
+    return TraceResult(
+        scores=scores, tuples=run.clean.facts, partners=run.partners, positions=labels,
+        relation_names=tuple(run.world.relation_name(r) for r in range(run.world.n_relations)),
+        clean=v_clean.cpu().numpy(), corrupted=v_corrupt.cpu().numpy(), config=config,
+    )  # fmt: skip
+
+
+@dataclass
+class _Runs:
+    """The inputs of a trace: clean and corrupted tokens, answer tokens, the corrupting patches."""
+
+    world: World
+    tokenizer: WorldTokenizer
+    clean: Inputs
+    corrupted: Int[Tensor, "batch pos"]
+    partners: np.ndarray
+    correct: Int[Tensor, " batch"]
+    incorrect: Int[Tensor, " batch"]
+    metric: Metric
+    corruption: list[Patch]
+
+    @classmethod
+    def build(cls, model, tuples, config: TraceConfig, partners, world) -> _Runs:
+        world, tokenizer = _world_of(model, world)
+        facts = check_tuples(world, tuples)
+        digits = _object_digits(world, tokenizer, facts)
+        j = _token_index(config.object_token, digits.shape[1])
+        if partners is not None:
+            partners = _check_partners(world, tokenizer, facts, partners, j)
+        elif config.needs_partners:
+            partners = find_partners(world, facts, object_token=j, seed=config.seed)
+            missing = np.flatnonzero(partners[:, 0] < 0)
+            if len(missing):
+                raise ValueError(
+                    f"{len(missing)} of {len(facts)} tuples have no corruption partner (first "
+                    f"{tuple(facts[missing[0]].tolist())}): no other subject of the relation has "
+                    f"an object sharing the tokens before object token {j} and differing at it. "
+                    "Drop them (keep = bi.find_partners(world, tuples)[:, 0] >= 0) or measure "
+                    "the first object token (object_token=0)"
+                )
+        else:
+            partners = np.full_like(facts, -1)
+        device = next(model.parameters()).device
+        inputs = dict(template=config.template, object_tokens=j, device=device)
+        clean = build_inputs(world, tokenizer, facts, **inputs)
+        swap = config.corruption == "swap"
+        corrupted = (
+            build_inputs(world, tokenizer, partners, **inputs).tokens if swap else clean.tokens
+        )
+        wrong = (
+            _object_digits(world, tokenizer, partners)[:, j]
+            if (partners >= 0).all()
+            else digits[:, j]
+        )
+        right, wrong = (torch.as_tensor(d, device=device) for d in (digits[:, j], wrong))
+        return cls(world, tokenizer, clean, corrupted, partners, right, wrong, config.metric, [])
+
+    def value(self, logits: Float[Tensor, "batch pos vocab"], rows: Tensor | None = None) -> Tensor:
+        """The raw metric at the last position: logit difference, or the correct probability."""
+        correct = self.correct if rows is None else self.correct[rows]
+        last = logits[:, -1].float()
+        if self.metric == "prob":
+            return last.softmax(-1).gather(1, correct[:, None])[:, 0]
+        incorrect = self.incorrect if rows is None else self.incorrect[rows]
+        return (last.gather(1, correct[:, None]) - last.gather(1, incorrect[:, None]))[:, 0]
+
+
+def _noise_patches(model, run: _Runs, clean: Capture, config: TraceConfig) -> list[Patch]:
+    """Subject embeddings plus Gaussian noise of `config.noise` times their std (Meng et al.)."""
+    spaces = sorted({run.world.subject_space(int(r)) for r in run.clean.facts[:, 1]})
+    ids = np.concatenate([np.concatenate(run.tokenizer.positions[s]) for s in spaces])
+    sigma = model.W_E[torch.as_tensor(ids, device=model.W_E.device)].std().item()
+    subject = run.clean.positions("subject")[1][0]
+    embed = clean["resid_pre.0"]
+    noise = torch.randn(embed.shape, generator=torch.Generator().manual_seed(config.seed))
+    noise = noise.to(embed.device) * (config.noise * sigma) * subject[:, None]
+    return [Patch(Site("resid_pre", 0), embed + noise, subject)]
+
+
+def _exact(model, run: _Runs, clean: Capture, groups, kinds, v_corrupt, scale, batch_size):
+    """Every (tuple, layer, group, head) of every site kind is one row of a stacked batch."""
+    n, n_layers, n_heads = len(run.corrupted), model.cfg.n_layers, model.cfg.n_heads
+    device = run.corrupted.device
+    shapes = {k: (n, n_layers, len(groups), *((n_heads,) if k == "head" else ())) for k in kinds}
+    blocks = []
+    for i, shape in enumerate(shapes.values()):
+        grid = torch.stack(torch.meshgrid(*map(torch.arange, shape), indexing="ij"), -1)
+        grid = F.pad(grid.reshape(-1, len(shape)), (0, 4 - len(shape)))
+        blocks.append(F.pad(grid, (1, 0), value=i))  # columns: kind, tuple, layer, group, head
+    index = torch.cat(blocks).to(device)
+    flat = torch.empty(len(index), device=device)
+    for start in range(0, len(index), batch_size):
+        kind_i, t, layer, g, h = index[start : start + batch_size].unbind(1)
+        patches = [dataclasses.replace(p, rows=t) for p in run.corruption]
+        for ki, li in torch.unique(torch.stack([kind_i, layer], 1), dim=0).tolist():
+            mask = groups[g] & ((kind_i == ki) & (layer == li))[:, None]
+            if kinds[ki] == "head":
+                mask = mask[:, :, None] & F.one_hot(h, n_heads).bool()[:, None, :]
+            site = Site(kinds[ki], li)
+            patches.append(Patch(site, clean[site], mask, rows=t))
+        restored = run.value(patch(model, run.corrupted[t], patches), t)
+        flat[start : start + batch_size] = (restored - v_corrupt[t]) / scale[t]
+    sizes = [int(np.prod(s)) for s in shapes.values()]
+    return {
+        k: x.reshape(s).cpu() for (k, s), x in zip(shapes.items(), flat.split(sizes), strict=True)
+    }
+
+
+def _attribution(clean: Capture, corrupt: Capture, groups, kinds, scale) -> dict[str, Tensor]:
+    """First-order estimate: (clean - corrupted) . d metric / d activation, summed per group."""
+    out: dict[str, Tensor] = {}
+    for kind in kinds:
+        layers = []
+        for site in sorted(s for s in corrupt.acts if s.kind == kind):
+            per_pos = ((clean[site] - corrupt[site]) * corrupt.grads[site]).sum(-1)
+            layers.append(torch.einsum("tp...,gp->tg...", per_pos, groups.float()))
+        scores = torch.stack(layers, 1)
+        out[kind] = (scores / scale.reshape(-1, *[1] * (scores.ndim - 1))).cpu()
+    return out
