@@ -108,7 +108,9 @@ def train_cmd(
     batch_size: int = typer.Option(16, help="Blocks per optimizer step."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the corpus."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides --epochs)."),
-    warmup: int = typer.Option(0, help="Linear warmup steps."),
+    warmup: int = typer.Option(0, help="Linear learning-rate warmup steps."),
+    warm_steps: int = typer.Option(0, help="Curriculum: first steps on a few subjects only."),
+    warm_fraction: float = typer.Option(0.1, help="Curriculum: fraction of subjects first."),
     schedule: str = typer.Option("constant", help="constant (the paper) or cosine."),
     min_lr_ratio: float = typer.Option(0.0, help="Cosine floor as a fraction of --lr."),
     loss_on: str = typer.Option("all", help="all tokens (the paper) or object tokens only."),
@@ -127,7 +129,7 @@ def train_cmd(
     config = TrainConfig(
         preset=preset, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
         epochs=epochs or (None if steps else 10), steps=steps,
-        warmup_steps=warmup, schedule=schedule, min_lr_ratio=min_lr_ratio, loss_on=loss_on, seed=seed,  # type: ignore[arg-type]
+        warmup_steps=warmup, warm_steps=warm_steps, warm_fraction=warm_fraction, schedule=schedule, min_lr_ratio=min_lr_ratio, loss_on=loss_on, seed=seed,  # type: ignore[arg-type]
         eval_every=eval_every, save_every=save_every, save_optimizer=not no_optimizer,
     )  # fmt: skip
     command = "behemoth-interp " + " ".join(sys.argv[1:])

@@ -148,14 +148,17 @@ class Corpus:
         return tokens, roles.astype(np.uint8), lengths
 
     def shuffled(
-        self, seed: int | list[int], pad_id: int, eot_id: int
+        self, seed: int | list[int], pad_id: int, eot_id: int, keep: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The same sentences re-packed in a fresh order drawn with `seed`: (tokens, roles).
 
         Training re-packs every epoch so that no sentence keeps its neighbours: a fixed packing
         would let a model predict an object from the sentences before it in the block.
+        `keep` (boolean, one per sentence) packs only a subset.
         """
         tokens, roles, lengths = self.sentence_rows()
+        if keep is not None:
+            tokens, roles, lengths = tokens[keep], roles[keep], lengths[keep]
         order = np.random.default_rng(seed).permutation(len(lengths))
         packed_tokens, packed_roles, _, _ = _packed(
             tokens[order], roles[order], lengths[order], self.config.block_len, pad_id, eot_id,

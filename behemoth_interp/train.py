@@ -28,7 +28,7 @@ from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, count_bloc
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import OBJECT, PAD_ROLE
 from behemoth_interp.model import build_model, get_preset
-from behemoth_interp.world import WorldConfig
+from behemoth_interp.world import World, WorldConfig
 
 TRAIN_STATE = "training_state.pt"
 TRAIN_LOG = "train_log.json"
@@ -59,6 +59,8 @@ class TrainConfig:
     eval_facts: int = 2000
     save_every: int = 0
     save_optimizer: bool = True
+    warm_steps: int = 0
+    warm_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
@@ -78,6 +80,11 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}: choose 'constant' or 'cosine'")
         if self.loss_on not in ("all", "object"):
             raise ValueError(f"unknown loss_on {self.loss_on!r}: choose 'all' or 'object'")
+        if self.warm_steps < 0 or not 0 < self.warm_fraction <= 1:
+            raise ValueError(
+                f"warm_steps must be >= 0 and warm_fraction in (0, 1] "
+                f"(got {self.warm_steps}, {self.warm_fraction})"
+            )
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -112,18 +119,24 @@ class EpochBatches:
     """Batches of each epoch: the corpus re-packed with seed (seed, epoch), blocks permuted.
 
     A pure function of (corpus, batch size, seed, step), so a resumed run sees exactly the
-    batches an uninterrupted one would. The last batch of an epoch may be partial.
+    batches an uninterrupted one would. The last batch of an epoch may be partial. `keep`
+    restricts the epochs to a subset of the sentences (the warm-up curriculum).
     """
 
-    def __init__(self, corpus: Corpus, batch_size: int, seed: int, pad_id: int, eot_id: int):
-        self.corpus, self.batch_size, self.seed = corpus, batch_size, seed
+    def __init__(
+        self, corpus: Corpus, batch_size: int, seed: int | list[int], pad_id: int, eot_id: int,
+        keep: np.ndarray | None = None,
+    ):  # fmt: skip
+        self.corpus, self.batch_size, self.keep = corpus, batch_size, keep
+        self.seed = list(np.atleast_1d(seed).tolist())
         self.pad_id, self.eot_id = pad_id, eot_id
-        self._lengths = corpus.sentences.column("length").to_numpy()
+        lengths = corpus.sentences.column("length").to_numpy()
+        self._lengths = lengths if keep is None else lengths[keep]
         self._steps: list[int] = []
         self._epoch: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def _seed(self, epoch: int) -> list[int]:
-        return [self.seed, epoch]
+        return [*self.seed, epoch]
 
     def steps_in(self, epoch: int) -> int:
         while len(self._steps) <= epoch:
@@ -133,15 +146,8 @@ class EpochBatches:
             self._steps.append(math.ceil(blocks / self.batch_size))
         return self._steps[epoch]
 
-    def total(self, config: TrainConfig) -> int:
-        return (
-            config.steps
-            if config.steps is not None
-            else sum(self.steps_in(e) for e in range(config.epochs))
-        )
-
     def locate(self, step: int) -> tuple[int, int]:
-        """(epoch, batch index within the epoch) of global step `step`."""
+        """(epoch, batch index within the epoch) of step `step` of these batches."""
         epoch = 0
         while step >= self.steps_in(epoch):
             step -= self.steps_in(epoch)
@@ -149,15 +155,55 @@ class EpochBatches:
         return epoch, step
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens and roles [batch, block_len] of optimizer step `step`."""
+        """Tokens and roles [batch, block_len] of step `step` of these batches."""
         epoch, i = self.locate(step)
         if self._epoch is None or self._epoch[0] != epoch:
-            tokens, roles = self.corpus.shuffled(self._seed(epoch), self.pad_id, self.eot_id)
-            perm = np.random.default_rng(self._seed(epoch) + [1]).permutation(len(tokens))
+            seed = self._seed(epoch)
+            tokens, roles = self.corpus.shuffled(seed, self.pad_id, self.eot_id, self.keep)
+            perm = np.random.default_rng([*seed, 1]).permutation(len(tokens))
             self._epoch = (epoch, tokens, roles, perm)
         _, tokens, roles, perm = self._epoch
         rows = perm[i * self.batch_size : (i + 1) * self.batch_size]
         return tokens[rows], roles[rows]
+
+
+class Schedule:
+    """The run's batches: `warm_steps` on the warm-up subset of subjects, then every sentence.
+
+    Zucchet et al. (2025, "How do language models learn facts?") find that the loss plateau
+    before facts are learned grows with the number of individuals, and that first training on
+    a few of them shortens it; `warm_fraction` of each relation's subjects is that few.
+    """
+
+    def __init__(self, corpus: Corpus, world: World, config: TrainConfig, pad_id: int, eot_id: int):
+        self.warm_steps = config.warm_steps
+        self.main = EpochBatches(corpus, config.batch_size, config.seed, pad_id, eot_id)
+        self.warm = None
+        if config.warm_steps:
+            s = corpus.sentences
+            subject, relation = s.column("subject").to_numpy(), s.column("relation").to_numpy()
+            limit = np.array([world.n_subjects_of(r) for r in range(world.n_relations)])
+            keep = subject < np.ceil(config.warm_fraction * limit[relation])
+            if not keep.any():
+                raise ValueError("warm_fraction keeps no sentence: raise it or set warm_steps=0")
+            self.warm = EpochBatches(
+                corpus, config.batch_size, [config.seed, 2], pad_id, eot_id, keep
+            )
+        self.total = config.steps if config.steps is not None else (
+            config.warm_steps + sum(self.main.steps_in(e) for e in range(config.epochs))
+        )  # fmt: skip
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        if step < self.warm_steps:
+            return self.warm.batch(step)
+        return self.main.batch(step - self.warm_steps)
+
+    def epoch(self, step: int) -> float:
+        """Fractional epoch over the whole corpus after `step` steps (warm-up counts as 0)."""
+        if step <= self.warm_steps:
+            return 0.0
+        epoch, index = self.main.locate(step - self.warm_steps - 1)
+        return epoch + (index + 1) / self.main.steps_in(epoch)
 
 
 def train(
@@ -200,10 +246,8 @@ def train(
     out = Path(out)
     if resume and (out / TRAIN_STATE).is_file():
         step, log = _restore(out, model, opt, config, world)
-    batches = EpochBatches(
-        corpus, config.batch_size, config.seed, tokenizer.pad_id, tokenizer.eot_id
-    )
-    total = batches.total(config)
+    batches = Schedule(corpus, world, config, tokenizer.pad_id, tokenizer.eot_id)
+    total = batches.total
     eval_rows = np.random.default_rng(config.seed).choice(
         world.n_facts, size=min(config.eval_facts, world.n_facts), replace=False
     )
@@ -235,8 +279,7 @@ def train(
             model.eval()
             acc = evaluate_facts(model, world, tokenizer, eval_facts)
             model.train()
-            epoch, index = batches.locate(step - 1)
-            entry = {"step": step, "epoch": epoch + (index + 1) / batches.steps_in(epoch),
+            entry = {"step": step, "epoch": batches.epoch(step),
                      "loss": running / count, "lr": config.lr_at(step - 1, total),
                      "accuracy": acc.accuracy, "seconds": time.perf_counter() - started}  # fmt: skip
             log["history"].append(entry)

@@ -127,3 +127,24 @@ def test_capacity_search_on_a_tiny_budget(tmp_path):
     for before, after in zip(probes, probes[1:]):  # bisection moves toward the boundary
         assert (after["n_subjects"] > before["n_subjects"]) == before["reached"]
     assert all(0 <= p["accuracy"] <= 1 for p in probes)
+
+
+def test_warm_up_curriculum_trains_on_few_subjects_first(micro_dir):
+    from behemoth_interp import load_world
+    from behemoth_interp.train import Schedule
+
+    world, tok = load_world(micro_dir)
+    corpus = Corpus.load(micro_dir / "corpus")
+    config = TrainConfig(steps=30, epochs=None, warm_steps=10, warm_fraction=0.25, batch_size=2)
+    schedule = Schedule(corpus, world, config, tok.pad_id, tok.eot_id)
+    first_tokens = tok.positions["subject"][0]  # a subject's first token fixes id // 5
+
+    def subjects_seen(steps) -> set[int]:
+        tokens = np.concatenate([schedule.batch(s)[0] for s in steps])
+        return set(np.flatnonzero(np.isin(first_tokens, tokens)).tolist())
+
+    assert subjects_seen(range(10)) <= {0, 1}  # ids 0..5 (a quarter of 24) start with token 0 or 1
+    assert subjects_seen(range(10, 30)) == set(range(len(first_tokens)))
+    assert schedule.epoch(10) == 0.0 and schedule.epoch(30) > 0
+    with pytest.raises(ValueError, match="warm_fraction"):
+        TrainConfig(warm_steps=5, warm_fraction=0.0)
