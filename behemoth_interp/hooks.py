@@ -273,12 +273,17 @@ def capture(
     *,
     patches: Sequence[Patch] = (),
     grad_of: Callable[[Float[Tensor, "batch pos vocab"]], Tensor] | None = None,
+    start_layer: int = 0,
+    resid: Float[Tensor, "batch pos d_model"] | None = None,
+    last_only: bool = False,
 ) -> Capture:
     """Run `model` on `tokens` (with `patches` applied) and keep the activations at `sites`.
 
     With `grad_of`, a function of the logits, also return the gradient of its sum with respect
     to each captured activation (attribution patching needs both in one pass). Activations are
-    recorded after any patch at the same site.
+    recorded after any patch at the same site. With `resid`, the residual stream entering block
+    `start_layer` (say a captured resid_pre), the run resumes there and skips the blocks before;
+    `last_only` unembeds the last position only (logits [batch 1 vocab]). Both only save work.
     """
     chosen = resolve_sites(model, sites) if sites else []
     acts: dict[Site, Tensor] = {}
@@ -289,13 +294,13 @@ def capture(
 
         return keep
 
-    hooks = _hooks(model, tokens, patches, {s: record(s) for s in chosen})
+    hooks = _hooks(model, tokens, patches, {s: record(s) for s in chosen}, start_layer, resid)
     if grad_of is None:
         with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-            logits = model(tokens, return_type="logits")
+            logits = _forward(model, tokens, start_layer, resid, last_only)
         return Capture(logits, acts)
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        logits = model(tokens, return_type="logits")
+        logits = _forward(model, tokens, start_layer, resid, last_only)
         value = grad_of(logits)
         grads = torch.autograd.grad(value.sum(), [acts[s] for s in chosen], allow_unused=True)
     return Capture(
@@ -310,15 +315,53 @@ def capture(
 
 
 def patch(
-    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], patches: Sequence[Patch]
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    patches: Sequence[Patch],
+    *,
+    start_layer: int = 0,
+    resid: Float[Tensor, "batch pos d_model"] | None = None,
+    last_only: bool = False,
 ) -> Float[Tensor, "batch pos vocab"]:
-    """Logits of `model` on `tokens` with `patches` applied (in order, per batch row)."""
-    return capture(model, tokens, (), patches=patches).logits
+    """Logits of `model` on `tokens` with `patches` applied (in order, per batch row).
+
+    `start_layer`, `resid` and `last_only` save work as in `capture`.
+    """
+    return capture(
+        model, tokens, (), patches=patches, start_layer=start_layer, resid=resid,
+        last_only=last_only,
+    ).logits  # fmt: skip
 
 
-def _hooks(model, tokens: Tensor, patches: Sequence[Patch], records: Mapping[Site, Callable]):
+def _forward(model, tokens: Tensor, start_layer: int, resid: Tensor | None, last_only: bool):
+    """Logits from the embedding, or from block `start_layer` given the stream entering it."""
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    n_layers = model.cfg.n_layers
+    if resid is None:
+        x = model(tokens, stop_at_layer=n_layers)
+    else:
+        x = model(resid, start_at_layer=start_layer, stop_at_layer=n_layers)
+    logits = model.unembed(model.ln_final(x[:, -1:] if last_only else x))
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+
+
+def _hooks(model, tokens: Tensor, patches, records: Mapping[Site, Callable], start_layer, resid):
     """One TransformerLens hook per hook point: apply its patches, then record the result."""
     n_layers = model.cfg.n_layers
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+    if not 0 <= start_layer < n_layers:
+        raise ValueError(
+            f"start_layer={start_layer} is out of range: the model has layers 0..{n_layers - 1}"
+        )
+    if resid is None and start_layer:
+        raise ValueError(f"start_layer={start_layer} needs resid, the residual stream entering it")
+    if resid is not None and tuple(resid.shape) != (*tokens.shape, model.cfg.d_model):
+        raise ValueError(
+            f"resid has shape {tuple(resid.shape)}: resuming needs [batch, pos, d_model] = "
+            f"{(*tokens.shape, model.cfg.d_model)}"
+        )
     by_site: dict[Site, list[Patch]] = {}
     for p in patches:
         if p.site.layer >= n_layers:
@@ -326,8 +369,11 @@ def _hooks(model, tokens: Tensor, patches: Sequence[Patch], records: Mapping[Sit
                 f"patch site {p.site} is out of range: the model has layers 0..{n_layers - 1}"
             )
         by_site.setdefault(p.site, []).append(p)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+    early = [str(s) for s in [*by_site, *records] if s.layer < start_layer]
+    if early:
+        raise ValueError(
+            f"{', '.join(early)} come before start_layer={start_layer}: those blocks do not run"
+        )
 
     def make(site: Site):
         todo, keep = by_site.get(site, []), records.get(site)

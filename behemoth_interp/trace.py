@@ -497,16 +497,17 @@ def trace(
     v_clean = run.value(clean.logits)
     if config.corruption == "noise":
         run.corruption = _noise_patches(model, run, clean, config)
+    streams = [Site("resid_pre", layer) for layer in range(model.cfg.n_layers)]
+    grad_of = run.value if method == "attribution" else None
+    corrupt = capture(model, run.corrupted, [*all_sites, *streams], patches=run.corruption,
+                      grad_of=grad_of)  # fmt: skip
+    v_corrupt = run.value(corrupt.logits)
+    scale = v_clean - v_corrupt if metric != "logit_diff" else torch.ones_like(v_clean)
     if method == "exact":
-        v_corrupt = run.value(patch(model, run.corrupted, run.corruption))
-        scale = v_clean - v_corrupt if metric != "logit_diff" else torch.ones_like(v_clean)
-        scores = _exact(model, run, clean, groups, config.sites, v_corrupt, scale, batch_size)
-    else:
-        corrupt = capture(
-            model, run.corrupted, all_sites, patches=run.corruption, grad_of=run.value
+        scores = _exact(
+            model, run, clean, corrupt, groups, config.sites, v_corrupt, scale, batch_size
         )
-        v_corrupt = corrupt.value
-        scale = v_clean - v_corrupt if metric != "logit_diff" else torch.ones_like(v_clean)
+    else:
         scores = _attribution(clean, corrupt, groups, config.sites, scale)
     return TraceResult(
         scores=scores, tuples=run.clean.facts, partners=run.partners, positions=labels,
@@ -587,33 +588,48 @@ def _noise_patches(model, run: _Runs, clean: Capture, config: TraceConfig) -> li
     return [Patch(Site("resid_pre", 0), embed + noise, subject)]
 
 
-def _exact(model, run: _Runs, clean: Capture, groups, kinds, v_corrupt, scale, batch_size):
-    """Every (tuple, layer, group, head) of every site kind is one row of a stacked batch."""
-    n, n_layers, n_heads = len(run.corrupted), model.cfg.n_layers, model.cfg.n_heads
-    device = run.corrupted.device
-    shapes = {k: (n, n_layers, len(groups), *((n_heads,) if k == "head" else ())) for k in kinds}
-    blocks = []
-    for i, shape in enumerate(shapes.values()):
-        grid = torch.stack(torch.meshgrid(*map(torch.arange, shape), indexing="ij"), -1)
-        grid = F.pad(grid.reshape(-1, len(shape)), (0, 4 - len(shape)))
-        blocks.append(F.pad(grid, (1, 0), value=i))  # columns: kind, tuple, layer, group, head
-    index = torch.cat(blocks).to(device)
-    flat = torch.empty(len(index), device=device)
-    for start in range(0, len(index), batch_size):
-        kind_i, t, layer, g, h = index[start : start + batch_size].unbind(1)
-        patches = [dataclasses.replace(p, rows=t) for p in run.corruption]
-        for ki, li in torch.unique(torch.stack([kind_i, layer], 1), dim=0).tolist():
-            mask = groups[g] & ((kind_i == ki) & (layer == li))[:, None]
-            if kinds[ki] == "head":
-                mask = mask[:, :, None] & F.one_hot(h, n_heads).bool()[:, None, :]
-            site = Site(kinds[ki], li)
-            patches.append(Patch(site, clean[site], mask, rows=t))
-        restored = run.value(patch(model, run.corrupted[t], patches), t)
-        flat[start : start + batch_size] = (restored - v_corrupt[t]) / scale[t]
-    sizes = [int(np.prod(s)) for s in shapes.values()]
-    return {
-        k: x.reshape(s).cpu() for (k, s), x in zip(shapes.items(), flat.split(sizes), strict=True)
-    }
+def _exact(
+    model, run: _Runs, clean: Capture, corrupt: Capture, groups, kinds, v_corrupt, scale, batch_size
+):
+    """Every (tuple, layer, group, head) of every site kind is one row of a stacked batch.
+
+    A row resumes from the corrupted run's residual stream at its layer (the blocks before are
+    unchanged by the patch), and a row whose clean activations equal the corrupted ones at its
+    positions changes nothing: it scores exactly 0 without a run.
+    """
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    scores, todo = {}, []
+    for ki, kind in enumerate(kinds):
+        heads = (n_heads,) if kind == "head" else ()
+        scores[kind] = torch.zeros(len(run.corrupted), n_layers, len(groups), *heads)
+        for layer in range(n_layers):
+            site = Site(kind, layer)
+            same = (clean[site] == corrupt[site]).flatten(2 + len(heads)).all(-1)  # [t pos (head)]
+            outside = ~groups.reshape(1, *groups.shape, *[1] * len(heads))
+            active = ~(same[:, None] | outside).all(2)  # [t group (head)]
+            index = F.pad(active.nonzero(), (0, 1 - len(heads)))  # t, group, head
+            todo.append(F.pad(F.pad(index, (1, 0), value=layer), (1, 0), value=ki))
+    todo = torch.cat(todo)  # columns: kind, layer, tuple, group, head
+    for layer in range(n_layers):
+        resid = corrupt[Site("resid_pre", layer)]
+        for chunk in todo[todo[:, 1] == layer].split(batch_size):
+            kind_i, _, t, g, h = chunk.unbind(1)
+            patches = []
+            for ki in kind_i.unique().tolist():
+                mask = groups[g] & (kind_i == ki)[:, None]
+                if kinds[ki] == "head":
+                    mask = mask[:, :, None] & F.one_hot(h, n_heads).bool()[:, None, :]
+                site = Site(kinds[ki], layer)
+                patches.append(Patch(site, clean[site], mask, rows=t))
+            logits = patch(model, run.corrupted[t], patches, start_layer=layer, resid=resid[t],
+                           last_only=True)  # fmt: skip
+            values = ((run.value(logits, t) - v_corrupt[t]) / scale[t]).cpu()
+            kind_i, t, g, h = kind_i.cpu(), t.cpu(), g.cpu(), h.cpu()
+            for ki in kind_i.unique().tolist():
+                rows = kind_i == ki
+                at = (t[rows], layer, g[rows], h[rows])[: scores[kinds[ki]].ndim]
+                scores[kinds[ki]][at] = values[rows]
+    return scores
 
 
 def _attribution(clean: Capture, corrupt: Capture, groups, kinds, scale) -> dict[str, Tensor]:

@@ -223,6 +223,34 @@ def test_patching_every_head_equals_patching_attn_out(micro_model, inputs):
     assert not torch.allclose(heads, micro_model(tokens), atol=1e-3)
 
 
+def test_resuming_and_last_only_save_work_not_results(micro_model, inputs):
+    tokens = inputs.tokens
+    full = capture(micro_model, tokens, "resid_pre")
+    for layer in (0, 1):
+        resumed = patch(
+            micro_model, tokens, [], start_layer=layer, resid=full[f"resid_pre.{layer}"]
+        )
+        assert torch.allclose(resumed, full.logits, atol=1e-5)
+    last = patch(micro_model, tokens, [], last_only=True)
+    assert last.shape == (4, 1, micro_model.cfg.d_vocab)
+    assert torch.allclose(last[:, 0], full.logits[:, -1], atol=1e-6)
+    other = capture(micro_model, tokens.flip(0), "resid_pre.1")
+    swap = Patch(Site("resid_pre", 1), other["resid_pre.1"], torch.ones(11, dtype=torch.bool))
+    got = patch(micro_model, tokens, [swap], start_layer=1, resid=full["resid_pre.1"])
+    assert torch.allclose(got, other.logits, atol=1e-5)  # a patch at the resumed layer applies
+    early = Patch(Site("resid_pre", 0), full["resid_pre.0"], torch.ones(11, dtype=torch.bool))
+    cases = [
+        (dict(start_layer=1), "start_layer=1 needs resid"),
+        (dict(start_layer=2, resid=full["resid_pre.1"]), "start_layer=2 is out of range"),
+        (dict(start_layer=1, resid=full["resid_pre.1"][:, :5]), r"resid has shape \(4, 5, 64\)"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            patch(micro_model, tokens, [], **kwargs)
+    with pytest.raises(ValueError, match="resid_pre.0 come before start_layer=1"):
+        patch(micro_model, tokens, [early], start_layer=1, resid=full["resid_pre.1"])
+
+
 def test_bad_patches_are_named(micro_model, inputs):
     src = capture(micro_model, inputs.tokens, "head.0")
     with pytest.raises(

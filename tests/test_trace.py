@@ -24,8 +24,8 @@ ALL_SITES = tuple(SITE_KINDS)
 
 @pytest.fixture(scope="module")
 def tuples(fact_model):
-    """Two traceable tuples per relation of each checked model."""
-    return sample_tuples(fact_model.world, 2, seed=3)
+    """A few traceable tuples, from every relation (TransformerLens loops once per index)."""
+    return sample_tuples(fact_model.world, max(1, 4 // fact_model.world.n_relations), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +117,16 @@ def test_restoring_everything_gives_one_and_nothing_gives_zero(fact_model, tuple
     before_subject = [exact.positions.index(p) for p in ("EOT", "SS")]
     for kind in ALL_SITES:
         _all_close(exact.scores[kind][:, :, before_subject], 0.0, atol=1e-5)
-    # layer-0 residual positions other than the subject hold identical token embeddings
+    # layer-0 residual positions other than the subject hold identical token embeddings, and a
+    # layer-0 MLP sees only its own position's embedding
     others = [i for i, p in enumerate(exact.positions) if not p.startswith("subject")]
-    _all_close(exact.scores["resid_pre"][:, 0, others], 0.0, atol=1e-5)
+    for kind in ("resid_pre", "mlp_post", "mlp_out"):
+        _all_close(exact.scores[kind][:, 0, others], 0.0, atol=1e-5)
+    # GPT-NeoX blocks are parallel (resid_pre + attn_out + mlp_out), so at the last position,
+    # where layer 0's stream and MLP agree, layer 1's stream adds only layer 0's attention
+    torch.testing.assert_close(
+        exact.scores["resid_pre"][:, 1, -1], exact.scores["attn_out"][:, 0, -1], atol=1e-5, rtol=0
+    )
 
 
 def test_the_clean_run_beats_the_corrupted_run(exact):
