@@ -495,12 +495,10 @@ def trace(
     all_sites = [Site(kind, layer) for kind in config.sites for layer in range(model.cfg.n_layers)]
     clean = capture(model, run.clean.tokens, [*all_sites, Site("resid_pre", 0)])
     v_clean = run.value(clean.logits)
-    if config.corruption == "noise":
-        run.corruption = _noise_patches(model, run, clean, config)
+    noised = _noise_patches(model, run, clean, config) if config.corruption == "noise" else []
     streams = [Site("resid_pre", layer) for layer in range(model.cfg.n_layers)]
     grad_of = run.value if method == "attribution" else None
-    corrupt = capture(model, run.corrupted, [*all_sites, *streams], patches=run.corruption,
-                      grad_of=grad_of)  # fmt: skip
+    corrupt = capture(model, run.corrupted, [*all_sites, *streams], patches=noised, grad_of=grad_of)
     v_corrupt = run.value(corrupt.logits)
     scale = v_clean - v_corrupt if metric != "logit_diff" else torch.ones_like(v_clean)
     if method == "exact":
@@ -518,7 +516,7 @@ def trace(
 
 @dataclass
 class _Runs:
-    """The inputs of a trace: clean and corrupted tokens, answer tokens, the corrupting patches."""
+    """The inputs of a trace: clean and corrupted tokens, partners, the two answer tokens."""
 
     world: World
     tokenizer: WorldTokenizer
@@ -528,7 +526,6 @@ class _Runs:
     correct: Int[Tensor, " batch"]
     incorrect: Int[Tensor, " batch"]
     metric: Metric
-    corruption: list[Patch]
 
     @classmethod
     def build(cls, model, tuples, config: TraceConfig, partners, world) -> _Runs:
@@ -564,7 +561,7 @@ class _Runs:
             else digits[:, j]
         )
         right, wrong = (torch.as_tensor(d, device=device) for d in (digits[:, j], wrong))
-        return cls(world, tokenizer, clean, corrupted, partners, right, wrong, config.metric, [])
+        return cls(world, tokenizer, clean, corrupted, partners, right, wrong, config.metric)
 
     def value(self, logits: Float[Tensor, "batch pos vocab"], rows: Tensor | None = None) -> Tensor:
         """The raw metric at the last position: logit difference, or the correct probability."""
