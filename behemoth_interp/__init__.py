@@ -20,12 +20,15 @@ from behemoth_interp.hooks import (
     swap_params,
 )
 from behemoth_interp.model import PRESETS, ModelConfig, load_hf, load_model, to_hooked
+from behemoth_interp.rank import MoveRank, move_rank
 from behemoth_interp.tokenizer import OutOfVocabularyError, WorldTokenizer
 from behemoth_interp.trace import TraceConfig, TraceResult, find_partners, sample_tuples, trace
 from behemoth_interp.train import TrainConfig, capacity_search, train
 from behemoth_interp.world import Fact, World, WorldConfig
 
 __all__ = [
+    "MoveRank",
+    "move_rank",
     "PRESETS",
     "FactAccuracy",
     "ModelConfig",
