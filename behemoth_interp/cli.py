@@ -180,29 +180,46 @@ def format_accuracy(summary: dict[str, float]) -> str:
     return "\n".join(f"{k:>14}  {v:.4f}" for k, v in summary.items())
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "models"
+
+
 @app.command()
 def demo(
-    out: Optional[Path] = typer.Option(
-        None, help="Where to write the demo world (default: temp dir)."
+    out: Path = typer.Option(Path("trace.html"), help="Where to write the tracing report."),
+    model: str = typer.Option(
+        "independent", help="Shipped model: independent, correlated, nested."
     ),
+    n: int = typer.Option(24, help="Tuples of relation 0 to trace."),
 ) -> None:
-    """The main job on a shipped default: for now, build a small nested world and show it."""
-    import tempfile
+    """The main job on a shipped default model: its fact accuracy, then causal tracing."""
+    from behemoth_interp._io import atomic_path
+    from behemoth_interp.model import load_model
+    from behemoth_interp.trace import sample_tuples, trace
 
-    target = out or Path(tempfile.mkdtemp(prefix="behemoth-demo-")) / "world"
-    build_world(WorldConfig("nested", n_subjects=200), CorpusConfig(), target, overwrite=True)
-    typer.echo(describe_world(target))
+    path = SHIPPED / model
+    hooked = load_model(path)
+    typer.echo(f"{path}: {hooked.world!r}")
+    acc = evaluate_facts(hooked, hooked.world, hooked.world_tokenizer)
+    typer.echo(format_accuracy(acc.summary()))
+    result = trace(hooked, sample_tuples(hooked.world, n, relations=[0], seed=0))
+    with atomic_path(out) as tmp:
+        result.heatmap().write_html(str(tmp))
+    typer.echo(f"\ncausal tracing of {n} tuples of relation r0 (IOI metric, Behemoth eq. 1):")
+    typer.echo(result.top(10).to_string(index=False))
+    typer.echo(f"\nheatmaps: {out.resolve()}")
 
 
 @app.command("trace")
 def trace_cmd(
     model_dir: Path = typer.Argument(..., help="A checkpoint directory."),
-    out: Path = typer.Option(..., "--out", help="Directory to write the trace result into."),
+    out: Path = typer.Option(
+        ..., "--out", help="A .html file for the heatmap report, or a directory for the result."
+    ),
     per_relation: int = typer.Option(
-        50, help="Tuples per relation (those with a corruption partner)."
+        50, "--n", "--per-relation", help="Tuples per relation (those with a corruption partner)."
     ),
     relations: Optional[str] = typer.Option(
-        None, help="Relation ids to trace, e.g. '0,2' (default: all)."
+        None, "--relation", "--relations", help="Relation ids to trace, e.g. '0,2' (default: all)."
     ),
     sites: str = typer.Option(
         "resid_pre,attn_out,mlp_post",
@@ -239,7 +256,10 @@ def trace_cmd(
     result = trace(model, tuples, sites=tuple(s.strip() for s in sites.split(",")), positions=tuple(pos),
                    corruption=corruption, metric=metric, method=method, object_token=object_token,  # type: ignore[arg-type]
                    seed=seed)  # fmt: skip
-    result.save(out, overwrite=force)
+    if out.suffix == ".html":
+        html = out
+    else:
+        result.save(out, overwrite=force)
     if html is not None:
         with atomic_path(html) as tmp:
             result.heatmap().write_html(str(tmp))
