@@ -5,6 +5,16 @@
 """
 
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
+from behemoth_interp.edit import (
+    EditDataConfig,
+    EditDataset,
+    EditReport,
+    EditResult,
+    EditTask,
+    edit,
+    edit_dataset,
+    evaluate_edit,
+)
 from behemoth_interp.evaluate import FactAccuracy, evaluate_facts
 from behemoth_interp.grammar import PARAPHRASES, ROLES, TEMPLATES, Sentences, Template, render
 from behemoth_interp.hooks import (
@@ -27,7 +37,15 @@ from behemoth_interp.train import TrainConfig, capacity_search, train
 from behemoth_interp.world import Fact, World, WorldConfig
 
 __all__ = [
+    "EditDataConfig",
+    "EditDataset",
+    "EditReport",
+    "EditResult",
+    "EditTask",
     "MoveRank",
+    "edit",
+    "edit_dataset",
+    "evaluate_edit",
     "move_rank",
     "PRESETS",
     "FactAccuracy",

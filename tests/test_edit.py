@@ -1,0 +1,276 @@
+"""Edit tasks, edit datasets and restricted fine-tuning, against the world's exact ground truth."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPTNeoXForCausalLM
+
+from behemoth_interp import load_hf
+from behemoth_interp.edit import (
+    TASKS,
+    EditDataConfig,
+    EditReport,
+    EditTask,
+    changed_parameters,
+    edit,
+    edit_dataset,
+    trainable_parameters,
+)
+
+
+def _keys(world, facts):
+    return set(zip(facts[:, 0].tolist(), facts[:, 1].tolist()))
+
+
+# ------------------------------------------------------------------ tasks
+def test_single_override(worlds):
+    world, _ = worlds["independent"]
+    task = EditTask.draw(world, "single", seed=3)
+    (s, r, o), t = task.facts[0], task.targets[0]
+    assert len(task.facts) == 1 and r == 0 and world.object_of(s, r) == o
+    assert t != o and 0 <= t < world.config.n_objects
+    assert task.edited.tolist() == [[s, r, t]]
+    again = EditTask.draw(world, "single", seed=3)
+    assert np.array_equal(again.facts, task.facts) and np.array_equal(again.targets, task.targets)
+    draws = {tuple(EditTask.draw(world, "single", seed=k).facts[0]) for k in range(10)}
+    assert len(draws) > 1
+
+
+def test_correct_mask_limits_the_draw(worlds):
+    world, _ = worlds["independent"]
+    mask = np.zeros(world.config.n_subjects, dtype=bool)
+    mask[[7, 19]] = True
+    for seed in range(6):
+        assert EditTask.draw(world, "single", seed=seed, correct=mask).facts[0, 0] in (7, 19)
+    with pytest.raises(ValueError, match="no tuple .* predicted correctly"):
+        EditTask.draw(world, "single", correct=np.zeros_like(mask))
+    with pytest.raises(ValueError, match="boolean mask over relation r0's 40 subjects"):
+        EditTask.draw(world, "single", correct=mask[:5])
+
+
+def test_ten_same_and_ten_different(worlds):
+    world, _ = worlds["independent"]
+    same = EditTask.draw(world, "ten_same", seed=1, relation=2, n=3)
+    assert len(same.facts) == 3 and (same.facts[:, 1] == 2).all()
+    assert len(set(same.facts[:, 2])) == 1 and len(set(same.targets)) == 1
+    assert same.targets[0] != same.facts[0, 2] and len(set(same.facts[:, 0])) == 3
+    assert (world.objects_of(same.facts[:, 0], same.facts[:, 1]) == same.facts[:, 2]).all()
+    diff = EditTask.draw(world, "ten_different", seed=1, relation=1, n=6)
+    assert (diff.facts[:, 1] == 1).all() and len(set(diff.facts[:, 2])) == 6
+    assert len(set(diff.targets)) == 6 and (diff.targets != diff.facts[:, 2]).all()
+    with pytest.raises(ValueError, match="shared by 10 .* smaller n"):
+        EditTask.draw(world, "ten_same", n=10)
+    with pytest.raises(ValueError, match="'ten_different' needs 13"):
+        EditTask.draw(world, "ten_different", n=13)
+
+
+def test_forget_remaps_every_tuple_to_object_zero(worlds):
+    world, _ = worlds["independent"]
+    task = EditTask.draw(world, "forget", relation=1)
+    assert np.array_equal(task.facts, world.facts(1)) and (task.targets == 0).all()
+    assert np.array_equal(task.changed, world.facts(1)[:, 2] != 0)
+    unchanged = task.unchanged()
+    assert len(unchanged) == world.n_facts - world.config.n_subjects
+    assert (unchanged[:, 1] != 1).all()
+
+
+def test_dependents_correlated_and_nested(worlds):
+    world, _ = worlds["correlated"]  # correlated pair (1, 3), binarized
+    task = EditTask.draw(world, "single", seed=0, relation=1)
+    (s, _, o), t = task.facts[0], task.targets[0]
+    deps, followed = task.dependents()
+    assert deps.tolist() == [[s, 3, o]] and followed.tolist() == [t] and t == 1 - o
+    assert _keys(world, task.unchanged()) == _keys(world, world.facts()) - {(s, 1), (s, 3)}
+    plain = EditTask.draw(world, "single", seed=0, relation=0)
+    assert len(plain.dependents()[0]) == 0
+
+    world, _ = worlds["nested"]
+    R = world.config.n_relations
+    task = EditTask.draw(world, "ten_different", seed=2, relation=1, n=3)
+    deps, followed = task.dependents()
+    s, t = task.facts[:, 0], task.targets
+    assert np.array_equal(deps[:, 0], s) and (deps[:, 1] == 2 * R + 1).all()
+    assert np.array_equal(deps[:, 2], world.nested_map[1, task.facts[:, 2]])
+    assert np.array_equal(followed, world.nested_map[1, t])
+    assert len(task.unchanged()) == world.n_facts - 6
+    forget = EditTask.draw(world, "forget", relation=0)
+    assert len(forget.dependents()[0]) == world.config.n_subjects
+    assert np.array_equal(forget.dependents()[1], np.full(30, world.nested_map[0, 0]))
+
+
+def test_task_errors(worlds):
+    world, _ = worlds["independent"]
+    o = world.object_of(4, 0)
+    with pytest.raises(ValueError, match=r"target 12 .* outside the relation's objects 0..11"):
+        EditTask(world, [[4, 0, o]], [12])
+    with pytest.raises(ValueError, match=r"tuple \(s=4, r=0, o=.*\) is not in this world"):
+        EditTask(world, [[4, 0, (o + 1) % 12]], [o])
+    with pytest.raises(ValueError, match="relation 5 is not in this world"):
+        EditTask(world, [[4, 5, 0]], [1])
+    with pytest.raises(ValueError, match="is its current object"):
+        EditTask(world, [[4, 0, o]], [o])
+    with pytest.raises(ValueError, match="edited twice"):
+        EditTask(world, [[4, 0, o], [4, 0, o]], [0, 1] if o > 1 else [2, 3])
+    with pytest.raises(ValueError, match="unknown edit task 'eleven'.*single"):
+        EditTask.draw(world, "eleven")
+    nested, _ = worlds["nested"]
+    with pytest.raises(ValueError, match="not a base relation"):
+        EditTask.draw(nested, "single", relation=3)
+    cworld, _ = worlds["correlated"]
+    with pytest.raises(ValueError, match=r"outside the relation's objects 0..1"):
+        EditTask(cworld, [[0, 1, cworld.object_of(0, 1)]], [2])
+
+
+def test_task_round_trip(worlds):
+    world, _ = worlds["nested"]
+    task = EditTask.draw(world, "ten_same", seed=4, n=3)
+    back = EditTask.from_dict(task.to_dict(), world)
+    assert back.kind == "ten_same" and np.array_equal(back.edited, task.edited)
+    with pytest.raises(ValueError, match="another world"):
+        EditTask.from_dict(task.to_dict(), worlds["independent"][0])
+
+
+# ------------------------------------------------------------------ datasets
+@pytest.mark.parametrize("kind", ["single", "ten_same", "ten_different"])
+def test_override_dataset_parts(worlds, kind):
+    world, _ = worlds["correlated"]
+    task = EditTask.draw(world, kind, seed=1, relation=1 if kind == "ten_same" else 0, n=2)
+    data = edit_dataset(task, EditDataConfig(repeats=30))
+    n = 30 * len(task.facts)
+    counts = data.counts()
+    assert counts["edit"] == n and counts["random"] == 2 * n
+    edit_rows = data.facts[data.part == "edit"]
+    assert sorted(map(tuple, edit_rows.tolist())) == sorted(map(tuple, task.edited.tolist() * 30))
+    rest = data.facts[data.part != "edit"]
+    assert (world.objects_of(rest[:, 0], rest[:, 1]) == rest[:, 2]).all()
+    touched = _keys(world, task.facts) | _keys(world, task.dependents()[0])
+    assert not _keys(world, rest) & touched
+    sharing = data.facts[data.part == "sharing"]
+    assert counts.get("sharing", 0) in (0, n // 2)
+    assert (sharing[:, 1] == task.relation).all() and np.isin(sharing[:, 2], task.facts[:, 2]).all()
+    assert set(data.template) == {"paper"}
+
+
+def test_single_dataset_is_250_125_500(worlds):
+    world, _ = worlds["independent"]
+    data = edit_dataset(EditTask.draw(world, "single", seed=0))
+    assert data.counts() == {"edit": 250, "sharing": 125, "random": 500}
+    df = data.to_dataframe()
+    assert list(df.columns) == ["subject", "relation", "object", "template", "part"]
+
+
+def test_forget_dataset_and_grammar_mix(worlds):
+    world, _ = worlds["nested"]
+    task = EditTask.draw(world, "forget", relation=2)
+    config = EditDataConfig(forget_fraction=0.1, forget_ratio=(1, 2),
+                            grammar_mix=(("paper", 1), ("mcq", 1)), seed=3)  # fmt: skip
+    data = edit_dataset(task, config)
+    assert data.counts() == {"forget": 3, "other": 6}
+    forget = data.facts[data.part == "forget"]
+    assert (forget[:, 1] == 2).all() and (forget[:, 2] == 0).all()
+    other = data.facts[data.part == "other"]
+    R = world.config.n_relations
+    assert not np.isin(other[:, 1], [2, 2 * R + 2]).any()
+    assert set(data.template) <= {"paper", "mcq"}
+    small = edit_dataset(task, EditDataConfig())
+    assert small.counts() == {"forget": math.ceil(0.05 * 30), "other": 2}
+
+
+def test_data_config_validation_and_round_trip():
+    c = EditDataConfig(repeats=10, ratio=(2, 0, 4), grammar_mix=(("compact", 2.0),))
+    assert EditDataConfig.from_dict(c.to_dict()) == c
+    for bad, match in [
+        ({"repeats": 0}, "repeats"),
+        ({"ratio": (0, 1, 4)}, "edited : sharing : random"),
+        ({"forget_fraction": 0}, "forget_fraction"),
+        ({"grammar_mix": (("limerick", 1.0),)}, "unknown template 'limerick'"),
+        ({"grammar_mix": (("paper", 0.0),)}, "sum to 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            EditDataConfig(**bad)
+
+
+# ------------------------------------------------------------------ fine-tuning
+@pytest.fixture(scope="module")
+def micro_hf(micro_checkpoint):
+    torch.set_num_threads(1)
+    return load_hf(micro_checkpoint)
+
+
+def test_trainable_parameter_selection(micro_hf):
+    hf, _, _ = micro_hf
+    names = trainable_parameters(hf, [1], "attn")
+    assert names and all(n.startswith("gpt_neox.layers.1.attention.") for n in names)
+    both = trainable_parameters(hf, None, "both")
+    assert {n.split(".")[2] for n in both} == {"0", "1"} and not any("layernorm" in n for n in both)
+    with pytest.raises(ValueError, match="block set is empty"):
+        trainable_parameters(hf, [])
+    with pytest.raises(
+        ValueError, match=r"blocks \[2\] are not all in this model: it has blocks 0..1"
+    ):
+        trainable_parameters(hf, [2])
+    with pytest.raises(ValueError, match="components must be 'mlp', 'attn', 'both'"):
+        trainable_parameters(hf, [0], "embed")
+
+
+@pytest.mark.parametrize(("block", "component"), [(0, "mlp"), (1, "attn"), (1, "both")])
+def test_finetune_changes_only_the_chosen_block(micro_hf, block, component):
+    hf, world, _ = micro_hf
+    original = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    task = EditTask.draw(world, "single", seed=1)
+    result = edit(hf, task, blocks=[block], components=component, steps=3, evaluate=False)
+    chosen = set(trainable_parameters(hf, [block], component))
+    after = dict(result.model.named_parameters())
+    for name, p in original.items():
+        assert torch.equal(hf.get_parameter(name), p), f"the input model changed at {name}"
+        if name in chosen:
+            assert not torch.equal(after[name], p), f"{name} was selected but did not move"
+        else:
+            assert torch.equal(after[name], p), f"{name} is outside block {block} {component}"
+    assert set(result.report.changed) == chosen
+    with pytest.raises(ValueError, match="block set is empty"):
+        edit(hf, task, blocks=[])
+
+
+def test_single_override_reaches_the_new_object(micro_hf, tmp_path):
+    hf, world, _ = micro_hf
+    task = EditTask.draw(world, "single", seed=0, correct=hf)
+    result = edit(hf, task, lr=1e-3, hooked=True)
+    r = result.report
+    assert r.success_top1 == 1.0 and r.forget_rate == 1.0
+    assert r.remaining_before == 1.0 and r.remaining >= 0.85
+    assert r.dependent_kept is None and r.settings["dataset"] == {
+        "edit": 250,
+        "sharing": 125,
+        "random": 500,
+    }
+    assert r.params_changed == sum(p.numel() for n, p in hf.named_parameters() if ".layers." in n
+                                   and "layernorm" not in n)  # fmt: skip
+    x = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(
+        result.hooked(x), result.model(input_ids=x).logits, atol=1e-4, rtol=1e-4
+    )
+    df = r.to_dataframe()
+    assert {"success_top1", "remaining", "success/mcq", "params_changed"} <= set(df.metric)
+    back = EditReport.load(r.save(tmp_path / "report.json"))
+    assert back.metrics() == pytest.approx(r.metrics(), nan_ok=True)
+    assert len(r.plot().data) == 1
+
+
+def test_edit_input_errors(micro_hf, worlds):
+    hf, world, _ = micro_hf
+    task = EditTask.draw(world, "single")
+    with pytest.raises(ValueError, match="unknown edit method 'rome'"):
+        edit(hf, task, method="rome")
+    with pytest.raises(TypeError, match="HF GPT-NeoX model or a checkpoint directory"):
+        edit(object(), task)
+    with pytest.raises(ValueError, match="need lr > 0"):
+        edit(hf, task, lr=0)
+    assert isinstance(hf, GPTNeoXForCausalLM) and set(TASKS) == {
+        "single", "ten_same", "ten_different", "forget"
+    }  # fmt: skip
+    assert changed_parameters(hf, hf) == {}
