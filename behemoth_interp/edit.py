@@ -37,7 +37,11 @@ TaskKind = Literal["single", "ten_same", "ten_different", "forget", "custom"]
 TASKS: tuple[str, ...] = ("single", "ten_same", "ten_different", "forget")
 """The paper's four edit tasks (section 4.7); 'custom' tasks are built from given tuples."""
 COMPONENT_CHOICES = ("mlp", "attn")
-METHODS = ("finetune",)
+METHODS = ("finetune", "lora")
+DEFAULT_LR = {"finetune": 3e-4, "lora": 1e-3}
+"""Learning rates that edit the micro test model in one epoch (pass lr= for other models)."""
+_LORA_MODULES = {"attn": ("attention.query_key_value", "attention.dense"),
+                 "mlp": ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")}  # fmt: skip
 
 
 # ============================================================================ tasks
@@ -409,6 +413,22 @@ def trainable_parameters(
     tuple of them. A block's attention is its `attention.*` (fused QKV and output), its MLP
     `mlp.*`; layer norms, embeddings and unembedding stay frozen.
     """
+    blocks, comps = _selection(hf, blocks, components)
+    module = {"mlp": "mlp", "attn": "attention"}
+    prefixes = tuple(f"gpt_neox.layers.{b}.{module[c]}." for b in blocks for c in comps)
+    return [name for name, _ in hf.named_parameters() if name.startswith(prefixes)]
+
+
+def lora_modules(
+    hf: GPTNeoXForCausalLM, blocks=None, components: str | tuple[str, ...] = ("mlp", "attn")
+) -> list[str]:
+    """Full names of the linear modules LoRA adapts for a block/component selection: a block's
+    attention is `query_key_value` and `dense`, its MLP `dense_h_to_4h` and `dense_4h_to_h`."""
+    blocks, comps = _selection(hf, blocks, components)
+    return [f"gpt_neox.layers.{b}.{m}" for b in blocks for c in comps for m in _LORA_MODULES[c]]
+
+
+def _selection(hf, blocks, components) -> tuple[list[int], tuple[str, ...]]:
     n = hf.config.num_hidden_layers
     if blocks is None:
         blocks = range(n)
@@ -426,9 +446,7 @@ def trainable_parameters(
         raise ValueError(
             f"components must be 'mlp', 'attn', 'both' or a tuple of them, got {components!r}"
         )
-    module = {"mlp": "mlp", "attn": "attention"}
-    prefixes = tuple(f"gpt_neox.layers.{b}.{module[c]}." for b in blocks for c in comps)
-    return [name for name, _ in hf.named_parameters() if name.startswith(prefixes)]
+    return blocks, comps
 
 
 def _resolve(model_or_checkpoint, task: EditTask) -> GPTNeoXForCausalLM:
@@ -451,17 +469,18 @@ def _resolve(model_or_checkpoint, task: EditTask) -> GPTNeoXForCausalLM:
 
 
 def _finetune(
-    hf: GPTNeoXForCausalLM, data: EditDataset, task: EditTask, names: list[str], *,
+    model: torch.nn.Module, data: EditDataset, task: EditTask, names: list[str], *,
     lr: float, steps: int | None, epochs: int, batch_size: int, weight_decay: float, seed: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """AdamW on the object tokens of `data`, training only the parameters `names` (in place)."""
+    """AdamW on the object tokens of `data`, training only the parameters `names` of `model`
+    (an HF model, or its peft wrapper); updates `model` in place."""
     tok = WorldTokenizer(task.world.config)
     sent = render(task.world, tok, data.facts, data.template, seed=seed)
-    device = next(hf.parameters()).device
+    device = next(model.parameters()).device
     eot = np.full((len(sent), 1), tok.eot_id)
     x_all = torch.as_tensor(np.concatenate([eot, sent.tokens], 1).astype(np.int64), device=device)
     target_all = torch.as_tensor(sent.roles == OBJECT, device=device)  # aligned with x[:, 1:]
-    params = dict(hf.named_parameters())
+    params = dict(model.named_parameters())
     for name, p in params.items():
         p.requires_grad_(name in names)
     opt = torch.optim.AdamW([params[n] for n in names], lr=lr, weight_decay=weight_decay)
@@ -469,7 +488,7 @@ def _finetune(
     total = steps if steps is not None else epochs * per_epoch
     rng = np.random.default_rng([seed, 11])
     losses: list[float] = []
-    hf.train()
+    model.train()
     order = rng.permutation(len(sent))
     for step in range(total):
         i = step % per_epoch
@@ -477,16 +496,41 @@ def _finetune(
             order = rng.permutation(len(sent))
         rows = torch.as_tensor(order[i * batch_size : (i + 1) * batch_size], device=device)
         x, mask = x_all[rows], target_all[rows]
-        logits = hf(input_ids=x[:, :-1]).logits
+        logits = model(input_ids=x[:, :-1]).logits
         loss = F.cross_entropy(logits.float()[mask], x[:, 1:][mask])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    hf.eval()
-    for p in hf.parameters():
+    model.eval()
+    for p in model.parameters():
         p.requires_grad_(True)
     return {"steps": total, "final_loss": float(np.mean(losses[-max(1, per_epoch // 10) :]))}
+
+
+def _lora(
+    hf: GPTNeoXForCausalLM, data: EditDataset, task: EditTask, modules: list[str], *,
+    rank: int, alpha: float | None, **fit,
+) -> tuple[GPTNeoXForCausalLM, dict[str, Any]]:  # fmt: skip
+    """Train peft LoRA adapters of rank `rank` on `modules` of `hf`, then merge them back."""
+    from peft import LoraConfig, get_peft_model
+
+    limit = {m: min(hf.get_submodule(m).weight.shape) for m in modules}
+    if rank < 1 or rank > min(limit.values()):
+        worst = min(limit, key=limit.get)
+        raise ValueError(
+            f"LoRA rank {rank} is not in 1..{limit[worst]}: {worst} has full rank {limit[worst]}, "
+            "so a larger adapter adds nothing (use method='finetune' for a full-rank edit)"
+        )
+    config = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha),
+                        target_modules=modules, lora_dropout=0.0, bias="none")  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(fit["seed"])
+        wrapped = get_peft_model(hf, config)
+    names = [n for n, p in wrapped.named_parameters() if "lora_" in n]
+    info = _finetune(wrapped, data, task, names, **fit)
+    info["adapter_parameters"] = sum(wrapped.get_parameter(n).numel() for n in names)
+    return wrapped.merge_and_unload(), info
 
 
 @dataclass
@@ -506,11 +550,13 @@ def edit(
     method: str = "finetune",
     blocks=None,
     components: str | tuple[str, ...] = ("mlp", "attn"),
-    lr: float = 1e-3,
+    lr: float | None = None,
     steps: int | None = None,
     epochs: int = 1,
     batch_size: int = 16,
     weight_decay: float = 0.0,
+    rank: int = 32,
+    alpha: float | None = None,
     data: EditDataConfig = EditDataConfig(),
     seed: int = 0,
     hooked: bool = False,
@@ -519,30 +565,41 @@ def edit(
 ) -> EditResult:
     """Apply `task` to a copy of an HF GPT-NeoX model (or a checkpoint directory).
 
-    method 'finetune': full-rank AdamW on the object tokens of the task's `edit_dataset`,
-    training only `components` ('mlp', 'attn', 'both') of `blocks` (None: all; Behemoth
-    section 5); `steps` overrides `epochs` (the paper trains one epoch). The input model is
-    left unchanged. Returns an `EditResult` with the edited model and its `EditReport`.
+    Both methods train with AdamW on the object tokens of the task's `edit_dataset`, only in
+    `components` ('mlp', 'attn', 'both') of `blocks` (None: all; Behemoth section 5):
+    'finetune' trains those weights at full rank; 'lora' trains rank-`rank` adapters (peft,
+    scaling alpha/rank, alpha defaults to rank) on their linear layers and merges them back.
+    `steps` overrides `epochs` (the paper trains one epoch); lr defaults to `DEFAULT_LR`.
+    The input model is left unchanged. Returns an `EditResult` (edited model and report).
     """
     if method not in METHODS:
         raise ValueError(f"unknown edit method {method!r}: choose one of {METHODS}")
+    lr = DEFAULT_LR[method] if lr is None else lr
     if lr <= 0 or batch_size < 1 or epochs < 1 or (steps is not None and steps < 1):
         raise ValueError(
             f"need lr > 0, batch_size >= 1, epochs >= 1 and steps >= 1 or None "
             f"(lr={lr}, batch_size={batch_size}, epochs={epochs}, steps={steps})"
         )
     before = _resolve(model_or_checkpoint, task)
-    names = trainable_parameters(before, blocks, components)
+    chosen, _ = _selection(before, blocks, components)
     after = copy.deepcopy(before)
     dataset = edit_dataset(task, data)
+    fit = dict(lr=lr, steps=steps, epochs=epochs, batch_size=batch_size,
+               weight_decay=weight_decay, seed=seed)  # fmt: skip
     started = time.perf_counter()
-    info = _finetune(after, dataset, task, names, lr=lr, steps=steps, epochs=epochs,
-                     batch_size=batch_size, weight_decay=weight_decay, seed=seed)  # fmt: skip
-    settings = {"method": method, "blocks": sorted({int(n.split(".")[2]) for n in names}),
+    if method == "finetune":
+        names = trainable_parameters(before, blocks, components)
+        info = _finetune(after, dataset, task, names, **fit)
+    else:
+        after, info = _lora(after, dataset, task, lora_modules(before, blocks, components),
+                            rank=rank, alpha=alpha, **fit)  # fmt: skip
+    settings = {"method": method, "blocks": chosen,
                 "components": [components] if isinstance(components, str) else list(components),
                 "lr": lr, "epochs": epochs, "batch_size": batch_size, "weight_decay": weight_decay,
                 "seed": seed, "data": data.to_dict(), "dataset": dataset.counts(),
                 "seconds": time.perf_counter() - started, **info}  # fmt: skip
+    if method == "lora":
+        settings.update(rank=rank, alpha=float(rank if alpha is None else alpha))
     if evaluate:
         report = evaluate_edit(after, task, before=before, settings=settings,
                                max_remaining=max_remaining, seed=seed)  # fmt: skip
