@@ -19,6 +19,7 @@ from behemoth_interp.edit import (
     edit,
     edit_dataset,
     lora_modules,
+    select_lr,
     trainable_parameters,
 )
 from behemoth_interp.rank import COMPONENTS, move_rank
@@ -317,3 +318,17 @@ def test_lora_rank_above_the_matrix_rank_raises(micro_hf):
         "gpt_neox.layers.0.attention.query_key_value",
         "gpt_neox.layers.0.attention.dense",
     ]
+
+
+# ------------------------------------------------------------------ learning-rate selection
+def test_select_lr_prefers_success_then_remaining(micro_hf):
+    hf, world, _ = micro_hf
+    task = EditTask.draw(world, "single", seed=0, correct=hf)
+    search = select_lr(hf, task, lrs=[1e-6, 3e-4], data=EditDataConfig(repeats=40), hooked=True)
+    df = search.to_dataframe()
+    assert df.lr.tolist() == [1e-6, 3e-4] and df.best.tolist() == [False, True]
+    assert search.success == [0.0, 1.0] and search.best_lr == 3e-4
+    assert search.best.report.success_top1 == 1.0 and search.best.report.settings["lr"] == 3e-4
+    assert search.best.hooked is not None and len(search.plot().data) == 2
+    with pytest.raises(ValueError, match="at least one learning rate"):
+        select_lr(hf, task, lrs=[])
