@@ -11,9 +11,11 @@ from behemoth_interp.edit import (
     EditReport,
     EditResult,
     EditTask,
+    LrSearch,
     edit,
     edit_dataset,
     evaluate_edit,
+    select_lr,
 )
 from behemoth_interp.evaluate import FactAccuracy, evaluate_facts
 from behemoth_interp.grammar import PARAPHRASES, ROLES, TEMPLATES, Sentences, Template, render
@@ -46,7 +48,9 @@ __all__ = [
     "edit",
     "edit_dataset",
     "evaluate_edit",
+    "LrSearch",
     "move_rank",
+    "select_lr",
     "PRESETS",
     "FactAccuracy",
     "ModelConfig",
