@@ -38,6 +38,7 @@ TASKS: tuple[str, ...] = ("single", "ten_same", "ten_different", "forget")
 """The paper's four edit tasks (section 4.7); 'custom' tasks are built from given tuples."""
 COMPONENT_CHOICES = ("mlp", "attn")
 METHODS = ("finetune", "lora")
+OBJECTIVES = ("ce", "localized", "gradient_ascent", "gradient_difference")
 DEFAULT_LR = {"finetune": 3e-4, "lora": 1e-3}
 """Learning rates that edit the micro test model in one epoch (pass lr= for other models)."""
 _LORA_MODULES = {"attn": ("attention.query_key_value", "attention.dense"),
@@ -471,33 +472,41 @@ def _resolve(model_or_checkpoint, task: EditTask) -> GPTNeoXForCausalLM:
 def _finetune(
     model: torch.nn.Module, data: EditDataset, task: EditTask, names: list[str], *,
     lr: float, steps: int | None, epochs: int, batch_size: int, weight_decay: float, seed: int,
+    objective: str = "ce", weights: tuple[float, float, float] = (1.0, 1.0, 0.0),
 ) -> dict[str, Any]:  # fmt: skip
     """AdamW on the object tokens of `data`, training only the parameters `names` of `model`
-    (an HF model, or its peft wrapper); updates `model` in place."""
+    (an HF model, or its peft wrapper) to minimize `objective` (see `edit`); in place."""
     tok = WorldTokenizer(task.world.config)
-    sent = render(task.world, tok, data.facts, data.template, seed=seed)
     device = next(model.parameters()).device
-    eot = np.full((len(sent), 1), tok.eot_id)
-    x_all = torch.as_tensor(np.concatenate([eot, sent.tokens], 1).astype(np.int64), device=device)
-    target_all = torch.as_tensor(sent.roles == OBJECT, device=device)  # aligned with x[:, 1:]
+    x_all, target_all = _object_inputs(task.world, tok, data.facts, data.template, seed, device)
+    old_facts = data.facts.copy()
+    old_facts[:, 2] = task.world.objects_of(data.facts[:, 0], data.facts[:, 1])
+    x_old, _ = _object_inputs(task.world, tok, old_facts, data.template, seed, device)
+    injected = np.isin(data.part, ("edit", "forget"))
+    inj = torch.as_tensor(injected, device=device)
+    differs = torch.as_tensor(injected & (old_facts[:, 2] != data.facts[:, 2]), device=device)
     params = dict(model.named_parameters())
     for name, p in params.items():
         p.requires_grad_(name in names)
     opt = torch.optim.AdamW([params[n] for n in names], lr=lr, weight_decay=weight_decay)
-    per_epoch = math.ceil(len(sent) / batch_size)
+    per_epoch = math.ceil(len(data) / batch_size)
     total = steps if steps is not None else epochs * per_epoch
     rng = np.random.default_rng([seed, 11])
     losses: list[float] = []
     model.train()
-    order = rng.permutation(len(sent))
+    order = rng.permutation(len(data))
     for step in range(total):
         i = step % per_epoch
         if i == 0 and step:
-            order = rng.permutation(len(sent))
+            order = rng.permutation(len(data))
         rows = torch.as_tensor(order[i * batch_size : (i + 1) * batch_size], device=device)
         x, mask = x_all[rows], target_all[rows]
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = F.cross_entropy(logits.float()[mask], x[:, 1:][mask])
+        if objective == "ce":
+            logits = model(input_ids=x[:, :-1]).logits
+            loss = F.cross_entropy(logits.float()[mask], x[:, 1:][mask])
+        else:
+            loss = _objective(model, objective, weights, x, x_old[rows], mask, inj[rows],
+                              differs[rows])  # fmt: skip
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -533,6 +542,45 @@ def _lora(
     return wrapped.merge_and_unload(), info
 
 
+def _object_inputs(world, tok, facts, template, seed, device):
+    """`<|endoftext|>` + rendered sentences [n, 1 + pos], and the object-token mask aligned with
+    the next-token targets x[:, 1:]."""
+    sent = render(world, tok, facts, template, seed=seed)
+    eot = np.full((len(sent), 1), tok.eot_id)
+    x = torch.as_tensor(np.concatenate([eot, sent.tokens], 1).astype(np.int64), device=device)
+    return x, torch.as_tensor(sent.roles == OBJECT, device=device)
+
+
+def _row_logp(model, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [batch, pos] of each next token (0 outside the object tokens)."""
+    logp = model(input_ids=x[:, :-1]).logits.float().log_softmax(-1)
+    return logp.gather(-1, x[:, 1:, None])[..., 0] * mask
+
+
+def _mean_rows(values: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the object tokens of the selected rows (0 when none are)."""
+    m = mask & rows[:, None]
+    return (values * m).sum() / m.sum().clamp(min=1)
+
+
+def _objective(model, objective, weights, x, x_old, mask, inj, differs) -> torch.Tensor:
+    """The localized and unlearning losses of one batch (Guo et al. 2024, section 2.3):
+    injection = NLL of the new objects of edited rows, retain = NLL of the other rows,
+    forget = -log(1 - p(old object)) on edited rows whose object changes."""
+    l1, l2, l3 = weights
+    loss = torch.zeros((), device=x.device)
+    if objective in ("localized", "gradient_difference") and l2:
+        loss = loss + l2 * _mean_rows(-_row_logp(model, x, mask), mask, ~inj)
+    if objective == "localized" and l1:
+        loss = loss + l1 * _mean_rows(-_row_logp(model, x, mask), mask, inj)
+    if objective in ("gradient_ascent", "gradient_difference"):
+        loss = loss - l1 * _mean_rows(-_row_logp(model, x_old, mask), mask, differs)
+    elif l3:
+        p_old = _row_logp(model, x_old, mask).exp().clamp(max=1 - 1e-6)
+        loss = loss + l3 * _mean_rows(-torch.log1p(-p_old), mask, differs)
+    return loss
+
+
 @dataclass
 class EditResult:
     """An applied edit: the edited HF `model`, its HookedTransformer twin (when asked) and the
@@ -557,6 +605,8 @@ def edit(
     weight_decay: float = 0.0,
     rank: int = 32,
     alpha: float | None = None,
+    objective: str = "ce",
+    weights: tuple[float, float, float] = (1.0, 1.0, 0.0),
     data: EditDataConfig = EditDataConfig(),
     seed: int = 0,
     hooked: bool = False,
@@ -570,11 +620,22 @@ def edit(
     'finetune' trains those weights at full rank; 'lora' trains rank-`rank` adapters (peft,
     scaling alpha/rank, alpha defaults to rank) on their linear layers and merges them back.
     `steps` overrides `epochs` (the paper trains one epoch); lr defaults to `DEFAULT_LR`.
+    objective: 'ce' (Behemoth: cross-entropy on every object token of the dataset);
+    'localized' (Guo et al. 2024: w1·injection + w2·retain + w3·forget, forget = -log(1-p_old));
+    'gradient_ascent' (-w1·NLL of the old objects); 'gradient_difference' (that + w2·retain),
+    with `weights` = (w1, w2, w3).
     The input model is left unchanged. Returns an `EditResult` (edited model and report).
     """
     if method not in METHODS:
         raise ValueError(f"unknown edit method {method!r}: choose one of {METHODS}")
     lr = DEFAULT_LR[method] if lr is None else lr
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: choose one of {OBJECTIVES}")
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != 3 or min(weights) < 0:
+        raise ValueError(
+            f"weights are (injection, retain, forget), three numbers >= 0, got {weights}"
+        )
     if lr <= 0 or batch_size < 1 or epochs < 1 or (steps is not None and steps < 1):
         raise ValueError(
             f"need lr > 0, batch_size >= 1, epochs >= 1 and steps >= 1 or None "
@@ -585,7 +646,7 @@ def edit(
     after = copy.deepcopy(before)
     dataset = edit_dataset(task, data)
     fit = dict(lr=lr, steps=steps, epochs=epochs, batch_size=batch_size,
-               weight_decay=weight_decay, seed=seed)  # fmt: skip
+               weight_decay=weight_decay, seed=seed, objective=objective, weights=weights)  # fmt: skip
     started = time.perf_counter()
     if method == "finetune":
         names = trainable_parameters(before, blocks, components)
@@ -595,7 +656,8 @@ def edit(
                             rank=rank, alpha=alpha, **fit)  # fmt: skip
     settings = {"method": method, "blocks": chosen,
                 "components": [components] if isinstance(components, str) else list(components),
-                "lr": lr, "epochs": epochs, "batch_size": batch_size, "weight_decay": weight_decay,
+                "objective": objective, "weights": list(weights), "lr": lr, "epochs": epochs,
+                "batch_size": batch_size, "weight_decay": weight_decay,
                 "seed": seed, "data": data.to_dict(), "dataset": dataset.counts(),
                 "seconds": time.perf_counter() - started, **info}  # fmt: skip
     if method == "lora":

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPTNeoXForCausalLM
 
-from behemoth_interp import load_hf
+from behemoth_interp import evaluate_facts, load_hf
 from behemoth_interp.edit import (
     TASKS,
     EditDataConfig,
@@ -332,3 +332,40 @@ def test_select_lr_prefers_success_then_remaining(micro_hf):
     assert search.best.hooked is not None and len(search.plot().data) == 2
     with pytest.raises(ValueError, match="at least one learning rate"):
         select_lr(hf, task, lrs=[])
+
+
+# ------------------------------------------------------------------ objectives
+def test_localized_objective_overrides(micro_hf):
+    hf, world, _ = micro_hf
+    task = EditTask.draw(world, "single", seed=0, correct=hf)
+    r = edit(hf, task, objective="localized", weights=(1, 1, 0)).report
+    assert r.success_top1 == 1.0 and r.remaining >= r.remaining_before - 0.02
+    assert r.settings["objective"] == "localized" and r.settings["weights"] == [1.0, 1.0, 0.0]
+
+
+def test_forget_objectives_forget_the_sample_and_report_damage(micro_hf):
+    hf, world, tok = micro_hf
+    task = EditTask.draw(world, "forget", relation=0)
+    data = edit_dataset(task)
+    sample = data.facts[data.part == "forget"].copy()
+    sample[:, 2] = world.objects_of(sample[:, 0], sample[:, 1])
+    other = data.facts[data.part == "other"]
+    for objective in ("gradient_ascent", "gradient_difference"):
+        result = edit(hf, task, objective=objective, steps=10, lr=1e-3)
+        assert not evaluate_facts(result.model, world, tok, sample).top(1).any(), objective
+        r = result.report
+        assert r.remaining_before == 1.0 and r.remaining < 1.0 and r.forget_rate > 0.5
+        if objective == "gradient_difference":
+            assert evaluate_facts(result.model, world, tok, other).accuracy == 1.0
+    ce = edit(hf, task, data=EditDataConfig(forget_fraction=0.5), epochs=5, lr=1e-3).report
+    assert ce.success_top1 > float((world.facts(0)[:, 2] == 0).mean())
+    assert set(ce.metrics()) >= {"forget_rate", "remaining", "remaining_before"}
+
+
+def test_objective_errors(micro_hf):
+    hf, world, _ = micro_hf
+    task = EditTask.draw(world, "single")
+    with pytest.raises(ValueError, match="unknown objective 'kl'.*'localized'"):
+        edit(hf, task, objective="kl")
+    with pytest.raises(ValueError, match=r"weights are \(injection, retain, forget\)"):
+        edit(hf, task, objective="localized", weights=(1, -1, 0))
