@@ -7,9 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import MICRO_CORPUS, MICRO_TRAIN
 from transformers import GPTNeoXForCausalLM
 
-from behemoth_interp import evaluate_facts, load_hf
+from behemoth_interp import WorldConfig, evaluate_facts, load_hf
+from behemoth_interp.corpus import build_world
 from behemoth_interp.edit import (
     TASKS,
     EditDataConfig,
@@ -18,11 +20,14 @@ from behemoth_interp.edit import (
     changed_parameters,
     edit,
     edit_dataset,
+    evaluate_edit,
     lora_modules,
     select_lr,
     trainable_parameters,
 )
+from behemoth_interp.model import PRESETS, build_model
 from behemoth_interp.rank import COMPONENTS, move_rank
+from behemoth_interp.train import train
 
 
 def _keys(world, facts):
@@ -369,3 +374,50 @@ def test_objective_errors(micro_hf):
         edit(hf, task, objective="kl")
     with pytest.raises(ValueError, match=r"weights are \(injection, retain, forget\)"):
         edit(hf, task, objective="localized", weights=(1, -1, 0))
+
+
+# ------------------------------------------------------------------ dependent tuples
+CORRELATED_MICRO = WorldConfig("correlated", n_subjects=40, n_relations=2, n_objects=16,
+                               correlated=(0, 1), seed=0)  # fmt: skip
+"""Both relations binarized and equal: a 2-layer model learns all 80 tuples (about 10 s)."""
+
+
+@pytest.fixture(scope="module")
+def correlated_hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("correlated_micro")
+    build_world(CORRELATED_MICRO, MICRO_CORPUS, root / "world")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(root / "world", root / "model", MICRO_TRAIN, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return load_hf(root / "model")
+
+
+def test_correlated_edit_reports_the_partner(correlated_hf):
+    hf, world, tok = correlated_hf
+    assert evaluate_facts(hf, world, tok).accuracy == 1.0
+    task = EditTask.draw(world, "single", seed=0, correct=hf)
+    unedited = evaluate_edit(hf, task, before=hf)
+    assert (unedited.success_top1, unedited.forget_rate) == (0.0, 0.0)
+    assert (unedited.dependent_kept, unedited.dependent_followed) == (1.0, 0.0)
+    assert unedited.remaining == unedited.remaining_before == 1.0 and unedited.params_changed == 0
+    r = edit(hf, task).report
+    assert r.success_top1 == 1.0 and r.dependent_kept is not None
+    # the partner's old and new objects cannot both be the top-1 prediction
+    assert r.dependent_kept + r.dependent_followed <= 1.0
+
+
+def test_nested_report_scores_implied_tuples(worlds):
+    world, tok = worlds["nested"]
+    model = build_model(PRESETS["tiny"], tok, seed=0).eval()
+    task = EditTask.draw(world, "ten_different", seed=0, n=3)
+    report = evaluate_edit(model, task)
+    deps, followed = task.dependents()
+    moved = deps.copy()
+    moved[:, 2] = followed
+    assert report.dependent_kept == evaluate_facts(model, world, tok, deps).accuracy
+    assert report.dependent_followed == evaluate_facts(model, world, tok, moved).accuracy
+    assert report.remaining == evaluate_facts(model, world, tok, task.unchanged()).accuracy
+    assert report.remaining_before is None and report.changed == {}
