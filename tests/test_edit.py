@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import MICRO_CORPUS, MICRO_TRAIN
+from conftest import MICRO_CORPUS, MICRO_TRAIN, finished_checkpoint
 from transformers import GPTNeoXForCausalLM
 
 from behemoth_interp import WorldConfig, evaluate_facts, load_hf
@@ -421,3 +421,24 @@ def test_nested_report_scores_implied_tuples(worlds):
     assert report.dependent_followed == evaluate_facts(model, world, tok, moved).accuracy
     assert report.remaining == evaluate_facts(model, world, tok, task.unchanged()).accuracy
     assert report.remaining_before is None and report.changed == {}
+
+
+# ------------------------------------------------------------------ the shipped model
+@pytest.fixture(scope="module")
+def shipped_hf():
+    path = finished_checkpoint("independent")
+    if path is None:
+        pytest.skip("data/models/independent is missing or still training")
+    return load_hf(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "finetune"])
+def test_shipped_single_override_keeps_the_rest(shipped_hf, method):
+    """Issue 5: a single override (LoRA rank 32, full fine-tuning) reaches the new object while
+    remaining accuracy stays within 2 points of the unedited model."""
+    hf, world, _ = shipped_hf
+    task = EditTask.draw(world, "single", seed=0, correct=hf)
+    r = edit(hf, task, method=method, rank=32).report
+    assert r.success_top1 == 1.0 and r.forget_rate == 1.0
+    assert r.remaining >= r.remaining_before - 0.02
