@@ -442,3 +442,18 @@ def test_shipped_single_override_keeps_the_rest(shipped_hf, method):
     r = edit(hf, task, method=method, rank=32).report
     assert r.success_top1 == 1.0 and r.forget_rate == 1.0
     assert r.remaining >= r.remaining_before - 0.02
+
+
+def test_checkpoint_paths_and_fact_accuracy_masks(micro_checkpoint, micro_hf, worlds):
+    hf, world, tok = micro_hf
+    acc = evaluate_facts(hf, world, tok)
+    from_acc = EditTask.draw(world, "single", seed=5, correct=acc)
+    from_model = EditTask.draw(world, "single", seed=5, correct=hf)
+    assert np.array_equal(from_acc.edited, from_model.edited)
+    with pytest.raises(ValueError, match="covers 5 of relation r0's 40 tuples"):
+        EditTask.draw(world, "single", correct=evaluate_facts(hf, world, tok, world.facts(0)[:5]))
+    result = edit(micro_checkpoint, from_acc, steps=1, evaluate=False)
+    assert set(result.report.changed) == set(trainable_parameters(hf))
+    other = EditTask.draw(worlds["independent"][0], "single")
+    with pytest.raises(ValueError, match="trained on another world than the task's"):
+        edit(micro_checkpoint, other)
