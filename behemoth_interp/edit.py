@@ -151,13 +151,15 @@ class EditTask:
         if kind == "single":
             chosen = pool[[rng.integers(len(pool))]]
             targets = _other_objects(rng, chosen[:, 2], candidates, distinct=False)
-        elif kind == "ten_same":
+            return cls(world, chosen, targets, kind, seed)
+        which = "" if correct is None else " correctly predicted"
+        if kind == "ten_same":
             values, counts = np.unique(pool[:, 2], return_counts=True)
             enough = values[counts >= n]
             if len(enough) == 0:
                 raise ValueError(
-                    f"no object of relation {world.relation_name(relation)} is shared by {n} "
-                    f"(correctly predicted) subjects, the most is {counts.max()}: use a smaller n "
+                    f"no object of relation {world.relation_name(relation)} is shared by {n}"
+                    f"{which} subjects, the most is {counts.max()}: use a smaller n "
                     "or a world with more subjects"
                 )
             o = rng.choice(enough)
@@ -169,8 +171,8 @@ class EditTask:
             if len(values) < n or len(candidates) < max(n, 2):
                 raise ValueError(
                     f"'ten_different' needs {n} tuples with different objects and {n} different "
-                    f"new ones, but relation {world.relation_name(relation)} has {len(values)} "
-                    f"(correctly predicted) objects of {len(candidates)}: use a smaller n"
+                    f"new ones, but relation {world.relation_name(relation)} has {len(values)}"
+                    f"{which} objects of {len(candidates)}: use a smaller n"
                 )
             objs = np.sort(rng.choice(values, n, replace=False))
             chosen = np.stack([pool[rng.choice(np.flatnonzero(pool[:, 2] == o))] for o in objs])
