@@ -429,6 +429,7 @@ def shipped_hf():
     path = finished_checkpoint("independent")
     if path is None:
         pytest.skip("data/models/independent is missing or still training")
+    torch.set_num_threads(1)  # as for the micro model: busy cores make threads spin, not help
     return load_hf(path)
 
 
