@@ -49,7 +49,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--block-len", type=int, default=80)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         world, tok, _ = build_world(
             WorldConfig(n_subjects=500), CorpusConfig(block_len=a.block_len), Path(tmp) / "w"

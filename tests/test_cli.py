@@ -104,3 +104,12 @@ def test_existing_directory_and_missing_world_exit_2(tmp_path, monkeypatch, caps
     code, _, stderr = _main(monkeypatch, capsys, "world", "show", str(tmp_path / "nowhere"))
     assert code == 2 and stderr.count("\n") == 1
     assert stderr.startswith("error: ") and "world.json is missing" in stderr
+
+
+def test_demo_on_the_shipped_model(tmp_path):
+    """`make demo`: accuracy of the shipped model, then tracing, with an HTML report."""
+    out = tmp_path / "trace.html"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--n", "4"])
+    assert result.exit_code == 0, result.output
+    assert "top1/r0" in result.output and "causal tracing of 4 tuples" in result.output
+    assert out.read_text().lstrip().startswith("<html>")
