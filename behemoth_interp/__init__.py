@@ -1,7 +1,7 @@
 """behemoth-interp: synthetic fact worlds, models trained on them, and exact interpretability.
 
-    import behemoth_interp as bi
-    world = bi.World.generate(bi.WorldConfig("nested", n_subjects=1000))
+import behemoth_interp as bi
+world = bi.World.generate(bi.WorldConfig("nested", n_subjects=1000))
 """
 
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world

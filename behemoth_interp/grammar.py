@@ -35,7 +35,9 @@ class Template:
             if parts.count(slot) != 1:
                 raise ValueError(f"template {self.name!r} must contain {slot} exactly once")
         if parts.index("<o>") < max(parts.index("<s>"), parts.index("<r>")):
-            raise ValueError(f"template {self.name!r}: the object must come after subject and relation")
+            raise ValueError(
+                f"template {self.name!r}: the object must come after subject and relation"
+            )
         for p in parts:
             known = p in ("SS", "RR", "OO", ".", "EOT", "<s>", "<r>", "<o>", "<choices>")
             if not known and not (p[0] == "F" and p[1:].isdigit() and int(p[1:]) < N_FILLERS - 1):
@@ -110,7 +112,9 @@ class Sentences:
     def prompts(self) -> np.ndarray:
         """Prompt tokens [n, prompt_len] (requires one layout; select rows first otherwise)."""
         if not self.uniform:
-            raise ValueError("sentences have different layouts: render one template and kind at a time")
+            raise ValueError(
+                "sentences have different layouts: render one template and kind at a time"
+            )
         return self.tokens[:, : self.prompt_len[0]]
 
     def select(self, rows) -> Sentences:
@@ -154,7 +158,12 @@ def render(
         relations = facts[t_rows, 1]
         for relation in np.unique(relations):
             rows = t_rows[relations == relation]
-            groups.append((rows, _render_group(world, tokenizer, facts[rows], TEMPLATES[name], n_choices, rng)))
+            groups.append(
+                (
+                    rows,
+                    _render_group(world, tokenizer, facts[rows], TEMPLATES[name], n_choices, rng),
+                )
+            )
     n = len(facts)
     width = max(g[1][0].shape[1] for g in groups) if groups else 0
     tokens = np.full((n, width), tokenizer.pad_id, dtype=np.int32)
@@ -168,7 +177,9 @@ def render(
         lengths[rows] = tok.shape[1]
         for k, v in sp.items():
             spans[k][rows] = v
-    return Sentences(tokens, roles, lengths, spans, facts.astype(np.int32), np.array(names, dtype=object))
+    return Sentences(
+        tokens, roles, lengths, spans, facts.astype(np.int32), np.array(names, dtype=object)
+    )
 
 
 def _render_group(world, tokenizer, facts, template: Template, n_choices: int, rng):
@@ -217,9 +228,11 @@ def _render_group(world, tokenizer, facts, template: Template, n_choices: int, r
             add(np.concatenate([filler, ent], axis=2).reshape(n, -1), role, "choices")
     tokens = np.concatenate(columns, axis=1).astype(np.int32)
     role_row = np.array(roles, dtype=np.uint8)
-    return tokens, np.broadcast_to(role_row, tokens.shape), {
-        k: np.broadcast_to(np.array(v, dtype=np.int32), (n, 2)) for k, v in spans.items()
-    }
+    return (
+        tokens,
+        np.broadcast_to(role_row, tokens.shape),
+        {k: np.broadcast_to(np.array(v, dtype=np.int32), (n, 2)) for k, v in spans.items()},
+    )
 
 
 def _draw_choices(true: np.ndarray, n_objects: int, n_choices: int, rng) -> np.ndarray:

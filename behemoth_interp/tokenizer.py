@@ -96,7 +96,9 @@ class WorldTokenizer:
             digits.append(lookup[token_ids[..., p]])
         digits = np.stack(digits, axis=-1)
         valid = (digits >= 0).all(-1)
-        out = np.where(valid, np.ravel_multi_index(tuple(np.maximum(digits, 0).T), self.factors[space]).T, -1)
+        out = np.where(
+            valid, np.ravel_multi_index(tuple(np.maximum(digits, 0).T), self.factors[space]).T, -1
+        )
         n = self.config.token_spaces()[space][0]
         return np.where(out < n, out, -1)
 
@@ -138,7 +140,9 @@ class WorldTokenizer:
         offset = 0
         for chunk in _split_specials(text):
             if chunk not in (EOT, PAD):
-                for piece, (start, _) in self.hf.backend_tokenizer.pre_tokenizer.pre_tokenize_str(chunk):
+                for piece, (start, _) in self.hf.backend_tokenizer.pre_tokenizer.pre_tokenize_str(
+                    chunk
+                ):
                     if piece not in self.vocab:
                         raise OutOfVocabularyError(
                             f"{piece!r} at character {offset + start} is not a token of this world: "
@@ -156,7 +160,9 @@ class WorldTokenizer:
         """Raise if the tokenizer saved in `path` is not exactly this world's vocabulary."""
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing: a checkpoint carries its world's tokenizer")
+            raise FileNotFoundError(
+                f"{file} is missing: a checkpoint carries its world's tokenizer"
+            )
         saved = Tokenizer.from_file(str(file)).get_vocab(with_added_tokens=True)
         if saved != self.vocab:
             diff = sorted(set(saved.items()) ^ set(self.vocab.items()))[:3]

@@ -89,7 +89,9 @@ class WorldConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("subject_tokens", "relation_tokens", "object_tokens", "nested_tokens"):
             if not 1 <= getattr(self, name) <= 4:
-                raise ValueError(f"{name} must be 1..4 tokens per entity, got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name} must be 1..4 tokens per entity, got {getattr(self, name)}"
+                )
         if self.distribution == "correlated":
             if len(self.correlated) != 2:
                 raise ValueError(
@@ -106,7 +108,9 @@ class WorldConfig:
                     f"in 0..{self.n_relations - 1}"
                 )
             if self.n_objects < 2:
-                raise ValueError("a correlated world binarizes two relations: n_objects must be >= 2")
+                raise ValueError(
+                    "a correlated world binarizes two relations: n_objects must be >= 2"
+                )
         needed = sum(sum(entity_factors(n, k)) for n, k in self.token_spaces().values())
         if needed + N_FILLERS > FOUR_DIGIT_SPACE:
             raise ValueError(
@@ -350,13 +354,19 @@ class World:
         path = Path(path)
         meta = read_json(path / "world.json", what="world description (world.json)")
         if meta.get("format") != WORLD_FORMAT:
-            raise ValueError(f"{path}/world.json has format {meta.get('format')!r}, expected {WORLD_FORMAT!r}")
+            raise ValueError(
+                f"{path}/world.json has format {meta.get('format')!r}, expected {WORLD_FORMAT!r}"
+            )
         config = WorldConfig.from_dict(meta["config"])
         facts_path = path / "facts.parquet"
         if not facts_path.is_file():
-            raise FileNotFoundError(f"{facts_path} is missing: the world's facts table belongs there")
+            raise FileNotFoundError(
+                f"{facts_path} is missing: the world's facts table belongs there"
+            )
         t = pq.read_table(facts_path)
-        s, r, o = (t.column(n).to_numpy().astype(np.int64) for n in ("subject", "relation", "object"))
+        s, r, o = (
+            t.column(n).to_numpy().astype(np.int64) for n in ("subject", "relation", "object")
+        )
         R = config.n_relations
         kind = r // R
         objects = np.full((config.n_subjects, R), -1, dtype=np.int32)

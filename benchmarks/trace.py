@@ -104,7 +104,9 @@ def main() -> None:
     ours_total = tl_total = 0.0
     for kind in SITE_KINDS:
         result, ours = _timed(lambda kind=kind: trace(model, tuples, sites=(kind,)))
-        reference, tl = _timed(lambda kind=kind: _tl_trace(model, tuples, result.partners, kind))
+        reference, tl = _timed(
+            lambda kind=kind, partners=result.partners: _tl_trace(model, tuples, partners, kind)
+        )
         exact[kind] = result.mean[kind]
         diff = (result.mean[kind] - reference.cpu()).abs().max().item()
         runs = int(np.prod(result.scores[kind].shape[1:]))
