@@ -112,4 +112,5 @@ def test_demo_on_the_shipped_model(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--n", "4"])
     assert result.exit_code == 0, result.output
     assert "top1/r0" in result.output and "causal tracing of 4 tuples" in result.output
-    assert out.read_text().lstrip().startswith("<html>")
+    report = out.read_text()
+    assert "<html>" in report and "plotly" in report.lower() and "resid_pre" in report
