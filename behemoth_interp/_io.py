@@ -69,9 +69,17 @@ def write_dir(path: str | os.PathLike, fill: Callable[[Path], None], *, overwrit
     return path
 
 
-def read_json(path: str | os.PathLike, *, what: str) -> Any:
-    """Read JSON, raising a `FileNotFoundError` that names what the file was expected to be."""
+def read_json(path: str | os.PathLike, *, what: str, format: str | None = None) -> Any:
+    """Read JSON, raising an error that names what the file was expected to be.
+
+    With `format`, the file's "format" field must equal it (files of another kind or version
+    are refused by name rather than misread).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: expected the {what} here")
-    return json.loads(path.read_text())
+    data = json.loads(path.read_text())
+    if format is not None and (not isinstance(data, dict) or data.get("format") != format):
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ValueError(f"{path} is not a {what}: its format is {found!r}, expected {format!r}")
+    return data

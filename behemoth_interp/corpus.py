@@ -188,11 +188,9 @@ class Corpus:
     def load(cls, path: str | Path, *, mmap: bool = True) -> Corpus:
         """Read a corpus directory; token and role arrays are memory-mapped unless `mmap=False`."""
         path = Path(path)
-        meta = read_json(path / "corpus.json", what="corpus description (corpus.json)")
-        if meta.get("format") != CORPUS_FORMAT:
-            raise ValueError(
-                f"{path}/corpus.json has format {meta.get('format')!r}, expected {CORPUS_FORMAT!r}"
-            )
+        meta = read_json(
+            path / "corpus.json", what="corpus description (corpus.json)", format=CORPUS_FORMAT
+        )
         mode = "r" if mmap else None
         return cls(
             CorpusConfig.from_dict(meta["config"]),

@@ -771,9 +771,9 @@ class EditReport:
 
     @classmethod
     def load(cls, path: str | Path) -> EditReport:
-        d = read_json(path, what="edit report written by EditReport.save")
-        if d.get("format") != "behemoth-edit-report/1":
-            raise ValueError(f"{path} is not an edit report (format {d.get('format')!r})")
+        d = read_json(
+            path, what="edit report written by EditReport.save", format="behemoth-edit-report/1"
+        )
         return cls.from_dict(d)
 
 

@@ -113,9 +113,9 @@ class MoveRank:
 
     @classmethod
     def load(cls, path: str | Path) -> MoveRank:
-        d = read_json(path, what="move-rank table written by MoveRank.save")
-        if d.get("format") != "behemoth-move-rank/1":
-            raise ValueError(f"{path} is not a move-rank table (format {d.get('format')!r})")
+        d = read_json(
+            path, what="move-rank table written by MoveRank.save", format="behemoth-move-rank/1"
+        )
         return cls(np.array(d["rank"]), np.array(d["full_rank"]), np.array(d["norm"]),
                    d["threshold"], tuple(d["components"]))  # fmt: skip
 

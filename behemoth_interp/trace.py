@@ -286,11 +286,9 @@ class TraceResult:
         from safetensors.torch import load_file
 
         path = Path(path)
-        meta = read_json(path / "trace.json", what="trace description (trace.json)")
-        if meta.get("format") != TRACE_FORMAT:
-            raise ValueError(
-                f"{path}/trace.json has format {meta.get('format')!r}, expected {TRACE_FORMAT!r}"
-            )
+        meta = read_json(
+            path / "trace.json", what="trace description (trace.json)", format=TRACE_FORMAT
+        )
         t = load_file(str(path / "scores.safetensors"))
         return cls(
             scores={k: t[f"scores/{k}"] for k in meta["sites"]},

@@ -352,11 +352,9 @@ class World:
     def load(cls, path: str | Path) -> World:
         """Read a world directory written by `save`, checking the facts against the config."""
         path = Path(path)
-        meta = read_json(path / "world.json", what="world description (world.json)")
-        if meta.get("format") != WORLD_FORMAT:
-            raise ValueError(
-                f"{path}/world.json has format {meta.get('format')!r}, expected {WORLD_FORMAT!r}"
-            )
+        meta = read_json(
+            path / "world.json", what="world description (world.json)", format=WORLD_FORMAT
+        )
         config = WorldConfig.from_dict(meta["config"])
         facts_path = path / "facts.parquet"
         if not facts_path.is_file():

@@ -76,8 +76,12 @@ SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 @pytest.fixture(scope="session")
 def micro_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint directory of the micro model, trained once per session."""
-    root = tmp_path_factory.mktemp("micro")
-    build_world(MICRO_WORLD, MICRO_CORPUS, root / "world")
+    return train_micro(MICRO_WORLD, tmp_path_factory.mktemp("micro"))
+
+
+def train_micro(world: WorldConfig, root: Path) -> Path:
+    """Build `world` under `root` and train the micro recipe on it; returns the checkpoint."""
+    build_world(world, MICRO_CORPUS, root / "world")
     threads = torch.get_num_threads()
     # a 2-layer model gains nothing from threads, and on busy cores their spin-waits make
     # training 30x slower

@@ -7,11 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import MICRO_CORPUS, MICRO_TRAIN, finished_checkpoint
+from conftest import finished_checkpoint, train_micro
 from transformers import GPTNeoXForCausalLM
 
 from behemoth_interp import WorldConfig, evaluate_facts, load_hf
-from behemoth_interp.corpus import build_world
 from behemoth_interp.edit import (
     TASKS,
     EditDataConfig,
@@ -27,7 +26,6 @@ from behemoth_interp.edit import (
 )
 from behemoth_interp.model import PRESETS, build_model
 from behemoth_interp.rank import COMPONENTS, move_rank
-from behemoth_interp.train import train
 
 
 def _keys(world, facts):
@@ -384,15 +382,7 @@ CORRELATED_MICRO = WorldConfig("correlated", n_subjects=40, n_relations=2, n_obj
 
 @pytest.fixture(scope="module")
 def correlated_hf(tmp_path_factory):
-    root = tmp_path_factory.mktemp("correlated_micro")
-    build_world(CORRELATED_MICRO, MICRO_CORPUS, root / "world")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(root / "world", root / "model", MICRO_TRAIN, device="cpu", progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return load_hf(root / "model")
+    return load_hf(train_micro(CORRELATED_MICRO, tmp_path_factory.mktemp("correlated_micro")))
 
 
 def test_correlated_edit_reports_the_partner(correlated_hf):
