@@ -16,7 +16,7 @@ from behemoth_interp.model import PRESETS, ModelConfig, build_model, load_hf, to
 from behemoth_interp.train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-SHIPPED = ("independent", "correlated")  # nested: training continues (issue 3)
+SHIPPED = ("independent", "correlated", "nested")
 
 
 @pytest.fixture(scope="module")
