@@ -8,6 +8,7 @@ checkpoint continues exactly as an uninterrupted one would (bit for bit on the C
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -252,7 +253,11 @@ def train(
         world.n_facts, size=min(config.eval_facts, world.n_facts), replace=False
     )
     eval_facts = world.facts()[np.sort(eval_rows)]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if dev.type == "cuda"
+        else contextlib.nullcontext()
+    )
     bar = tqdm(total=total, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     started = time.perf_counter() - log["wall_seconds"]
     running, count = 0.0, 0
@@ -301,12 +306,6 @@ def train(
     return log
 
 
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def _save(out: Path, model, opt, tokenizer, world, log: dict, with_state: bool) -> None:
     step = log["step"]
 
@@ -326,11 +325,8 @@ def _restore(out: Path, model, opt, config: TrainConfig, world) -> tuple[int, di
     log = read_json(out / TRAIN_LOG, what="training log")
     if log["world"] != world.config.to_dict():
         raise ValueError(f"{out} was trained on another world: resume with the world it came from")
-    if log["train"] != config.to_dict() and {**log["train"], "steps": None, "epochs": None} != {
-        **config.to_dict(),
-        "steps": None,
-        "epochs": None,
-    }:
+    length = {"steps": None, "epochs": None}  # the only settings a resumed run may change
+    if {**log["train"], **length} != {**config.to_dict(), **length}:
         raise ValueError(
             f"{out} was trained with other settings: resume only changes the run length"
         )
