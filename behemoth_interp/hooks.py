@@ -20,6 +20,7 @@ import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -84,6 +85,8 @@ class Site:
 
 
 SiteSpec = str | Site | Iterable[str | Site]
+KeysValues = tuple[Float[Tensor, "batch pos head d_head"], Float[Tensor, "batch pos head d_head"]]
+"""One block's attention keys (before rotary) and values, as `capture(keep_kv=True)` keeps."""
 
 
 def resolve_sites(model: HookedTransformer, sites: SiteSpec) -> list[Site]:
@@ -256,6 +259,7 @@ class Capture:
     acts: dict[Site, Tensor]
     grads: dict[Site, Tensor] = field(default_factory=dict)
     value: Tensor | None = None
+    kv: list[KeysValues] = field(default_factory=list)
 
     def __getitem__(self, site: Site | str) -> Tensor:
         key = site if isinstance(site, Site) else Site.parse(site)
@@ -276,6 +280,9 @@ def capture(
     start_layer: int = 0,
     resid: Float[Tensor, "batch pos d_model"] | None = None,
     last_only: bool = False,
+    start_pos: int = 0,
+    kv: Sequence[KeysValues] | None = None,
+    keep_kv: bool = False,
 ) -> Capture:
     """Run `model` on `tokens` (with `patches` applied) and keep the activations at `sites`.
 
@@ -283,10 +290,15 @@ def capture(
     to each captured activation (attribution patching needs both in one pass). Activations are
     recorded after any patch at the same site. With `resid`, the residual stream entering block
     `start_layer` (say a captured resid_pre), the run resumes there and skips the blocks before;
-    `last_only` unembeds the last position only (logits [batch 1 vocab]). Both only save work.
+    `last_only` unembeds the last position only (logits [batch 1 vocab]). With `start_pos` as
+    well, and `kv` (every block's keys and values of the run `resid` came from, see
+    `keep_kv`), it computes positions `start_pos`.. only, attending to the earlier positions
+    through TransformerLens' key-value cache: a patch there cannot change what comes before it.
+    Activations and logits then cover positions `start_pos`.. only. All of these only save work.
     """
     chosen = resolve_sites(model, sites) if sites else []
     acts: dict[Site, Tensor] = {}
+    kept: dict[int, dict[str, Tensor]] = {}
 
     def record(site: Site) -> Callable[[Tensor], None]:
         def keep(act: Tensor) -> None:
@@ -294,13 +306,22 @@ def capture(
 
         return keep
 
-    hooks = _hooks(model, tokens, patches, {s: record(s) for s in chosen}, start_layer, resid)
+    cache = _kv_cache(model, tokens, start_pos, resid, kv)
+    hooks = _hooks(model, tokens, patches, {s: record(s) for s in chosen}, start_layer, resid,
+                   start_pos)  # fmt: skip
+    if keep_kv:
+        hooks += [
+            (f"blocks.{layer}.attn.hook_{x}", partial(_keep_kv, kept.setdefault(layer, {}), x))
+            for layer in range(start_layer, model.cfg.n_layers)
+            for x in "kv"
+        ]
+    run = partial(_forward, model, tokens, start_layer, resid, last_only, start_pos, cache)
     if grad_of is None:
         with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-            logits = _forward(model, tokens, start_layer, resid, last_only)
-        return Capture(logits, acts)
+            logits = run()
+        return Capture(logits, acts, kv=[(kept[i]["k"], kept[i]["v"]) for i in sorted(kept)])
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        logits = _forward(model, tokens, start_layer, resid, last_only)
+        logits = run()
         value = grad_of(logits)
         grads = torch.autograd.grad(value.sum(), [acts[s] for s in chosen], allow_unused=True)
     return Capture(
@@ -322,18 +343,51 @@ def patch(
     start_layer: int = 0,
     resid: Float[Tensor, "batch pos d_model"] | None = None,
     last_only: bool = False,
+    start_pos: int = 0,
+    kv: Sequence[KeysValues] | None = None,
 ) -> Float[Tensor, "batch pos vocab"]:
     """Logits of `model` on `tokens` with `patches` applied (in order, per batch row).
 
-    `start_layer`, `resid` and `last_only` save work as in `capture`.
+    `start_layer`, `resid`, `last_only`, `start_pos` and `kv` save work as in `capture`.
     """
     return capture(
         model, tokens, (), patches=patches, start_layer=start_layer, resid=resid,
-        last_only=last_only,
+        last_only=last_only, start_pos=start_pos, kv=kv,
     ).logits  # fmt: skip
 
 
-def _forward(model, tokens: Tensor, start_layer: int, resid: Tensor | None, last_only: bool):
+def _keep_kv(into: dict[str, Tensor], name: str, act: Tensor, hook) -> None:
+    into[name] = act
+
+
+def _kv_cache(model, tokens: Tensor, start_pos: int, resid: Tensor | None, kv):
+    """A frozen TransformerLens key-value cache holding positions before `start_pos`."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    if not start_pos:
+        return None
+    if not 0 < start_pos < tokens.shape[1] or resid is None or kv is None:
+        raise ValueError(
+            f"start_pos={start_pos} needs resid and kv (the keys and values of the run resid "
+            f"came from, capture(..., keep_kv=True)), and must be in 0..{tokens.shape[1] - 1}"
+        )
+    shape = (tokens.shape[0], tokens.shape[1], model.cfg.n_heads, model.cfg.d_head)
+    if len(kv) != model.cfg.n_layers or any(tuple(t.shape) != shape for pair in kv for t in pair):
+        raise ValueError(
+            f"kv must hold every block's keys and values of shape {shape}: pass "
+            "capture(..., keep_kv=True).kv of the run resid came from, indexed like resid"
+        )
+    entries = [
+        TransformerLensKeyValueCacheEntry(k[:, :start_pos], v[:, :start_pos], frozen=True)
+        for k, v in kv
+    ]
+    mask = torch.ones(tokens.shape[0], start_pos, dtype=torch.int, device=tokens.device)
+    return TransformerLensKeyValueCache(entries, mask, frozen=True)
+
+
+def _forward(model, tokens: Tensor, start_layer: int, resid: Tensor | None, last_only: bool,
+             start_pos: int, cache):  # fmt: skip
     """Logits from the embedding, or from block `start_layer` given the stream entering it."""
     from transformer_lens.utilities.activation_functions import apply_softcap
 
@@ -341,12 +395,14 @@ def _forward(model, tokens: Tensor, start_layer: int, resid: Tensor | None, last
     if resid is None:
         x = model(tokens, stop_at_layer=n_layers)
     else:
-        x = model(resid, start_at_layer=start_layer, stop_at_layer=n_layers)
+        x = model(resid[:, start_pos:], start_at_layer=start_layer, stop_at_layer=n_layers,
+                  past_kv_cache=cache)  # fmt: skip
     logits = model.unembed(model.ln_final(x[:, -1:] if last_only else x))
     return apply_softcap(logits, model.cfg.output_logits_soft_cap)
 
 
-def _hooks(model, tokens: Tensor, patches, records: Mapping[Site, Callable], start_layer, resid):
+def _hooks(model, tokens: Tensor, patches, records: Mapping[Site, Callable], start_layer, resid,
+           start_pos: int = 0):  # fmt: skip
     """One TransformerLens hook per hook point: apply its patches, then record the result."""
     n_layers = model.cfg.n_layers
     if tokens.ndim != 2:
@@ -380,7 +436,7 @@ def _hooks(model, tokens: Tensor, patches, records: Mapping[Site, Callable], sta
 
         def hook(act: Tensor, hook) -> Tensor:
             for p in todo:
-                act = _apply(act, p)
+                act = _apply(act, p, start_pos)
             if keep is not None:
                 keep(act)
             return act
@@ -390,9 +446,14 @@ def _hooks(model, tokens: Tensor, patches, records: Mapping[Site, Callable], sta
     return [(site.hook_name, make(site)) for site in sorted(set(by_site) | set(records))]
 
 
-def _apply(act: Tensor, p: Patch) -> Tensor:
+def _apply(act: Tensor, p: Patch, start_pos: int = 0) -> Tensor:
+    """`act` with `p` applied; `act` covers positions `start_pos`.. of the patch's inputs."""
     want = 3 if p.site.has_heads else 2
     mask = p.mask.to(device=act.device, dtype=torch.bool)
+    if start_pos:
+        source = p.source[:, start_pos:]
+        mask = mask[:, start_pos:] if mask.ndim == want else mask[start_pos:]
+        p = Patch(p.site, source, mask, p.rows)
     if tuple(mask.shape) == tuple(act.shape[1:want]):
         mask = mask.expand(act.shape[0], *mask.shape)
     if tuple(mask.shape) != tuple(act.shape[:want]):

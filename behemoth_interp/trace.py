@@ -496,7 +496,8 @@ def trace(
     noised = _noise_patches(model, run, clean, config) if config.corruption == "noise" else []
     streams = [Site("resid_pre", layer) for layer in range(model.cfg.n_layers)]
     grad_of = run.value if method == "attribution" else None
-    corrupt = capture(model, run.corrupted, [*all_sites, *streams], patches=noised, grad_of=grad_of)
+    corrupt = capture(model, run.corrupted, [*all_sites, *streams], patches=noised, grad_of=grad_of,
+                      keep_kv=method == "exact")  # fmt: skip
     v_corrupt = run.value(corrupt.logits)
     scale = v_clean - v_corrupt if metric != "logit_diff" else torch.ones_like(v_clean)
     if method == "exact":
@@ -588,9 +589,11 @@ def _exact(
 ):
     """Every (tuple, layer, group, head) of every site kind is one row of a stacked batch.
 
-    A row resumes from the corrupted run's residual stream at its layer (the blocks before are
-    unchanged by the patch), and a row whose clean activations equal the corrupted ones at its
-    positions changes nothing: it scores exactly 0 without a run.
+    A row resumes from the corrupted run's residual stream at its layer and first patched
+    position, attending to the positions before through the corrupted run's keys and values
+    (the blocks and positions before are unchanged by the patch); a row whose clean
+    activations equal the corrupted ones at its positions changes nothing: it scores exactly 0
+    without a run.
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     scores, todo = {}, []
@@ -605,9 +608,10 @@ def _exact(
             index = F.pad(active.nonzero(), (0, 1 - len(heads)))  # t, group, head
             todo.append(F.pad(F.pad(index, (1, 0), value=layer), (1, 0), value=ki))
     todo = torch.cat(todo)  # columns: kind, layer, tuple, group, head
-    for layer in range(n_layers):
+    first = groups.int().argmax(1)[todo[:, 3]]  # the group's first position
+    for layer, start in torch.stack([todo[:, 1], first], 1).unique(dim=0).tolist():
         resid = corrupt[Site("resid_pre", layer)]
-        for chunk in todo[todo[:, 1] == layer].split(batch_size):
+        for chunk in todo[(todo[:, 1] == layer) & (first == start)].split(batch_size):
             kind_i, _, t, g, h = chunk.unbind(1)
             patches = []
             for ki in kind_i.unique().tolist():
@@ -616,8 +620,9 @@ def _exact(
                     mask = mask[:, :, None] & F.one_hot(h, n_heads).bool()[:, None, :]
                 site = Site(kinds[ki], layer)
                 patches.append(Patch(site, clean[site], mask, rows=t))
+            kv = [(k[t], v[t]) for k, v in corrupt.kv]
             logits = patch(model, run.corrupted[t], patches, start_layer=layer, resid=resid[t],
-                           last_only=True)  # fmt: skip
+                           last_only=True, start_pos=start, kv=kv)  # fmt: skip
             values = ((run.value(logits, t) - v_corrupt[t]) / scale[t]).cpu()
             kind_i, t, g, h = kind_i.cpu(), t.cpu(), g.cpu(), h.cpu()
             for ki in kind_i.unique().tolist():

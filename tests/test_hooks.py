@@ -251,6 +251,35 @@ def test_resuming_and_last_only_save_work_not_results(micro_model, inputs):
         patch(micro_model, tokens, [early], start_layer=1, resid=full["resid_pre.1"])
 
 
+def test_resuming_at_a_position_reuses_earlier_keys_and_values(micro_model, inputs):
+    tokens = inputs.tokens
+    base = capture(micro_model, tokens, "resid_pre", keep_kv=True)
+    assert len(base.kv) == micro_model.cfg.n_layers
+    assert base.kv[0][0].shape == (4, 11, micro_model.cfg.n_heads, micro_model.cfg.d_head)
+    other = capture(micro_model, tokens.flip(0), ("mlp_post.1", "head.0"))
+    mask = torch.zeros(11, dtype=torch.bool)
+    mask[6] = True
+    heads = torch.zeros(11, micro_model.cfg.n_heads, dtype=torch.bool)
+    heads[6:, 1] = True
+    patches = [Patch(Site("mlp_post", 1), other["mlp_post.1"], mask),
+               Patch(Site("head", 0), other["head.0"], heads)]  # fmt: skip
+    full = patch(micro_model, tokens, patches)
+    for start_pos in (1, 6):
+        suffix = capture(micro_model, tokens, "mlp_post.1", patches=patches,
+                         resid=base["resid_pre.0"], start_pos=start_pos, kv=base.kv)  # fmt: skip
+        assert suffix.logits.shape == (4, 11 - start_pos, micro_model.cfg.d_vocab)
+        assert torch.allclose(suffix.logits, full[:, start_pos:], atol=1e-5)
+        assert suffix["mlp_post.1"].shape[1] == 11 - start_pos
+    resumed = patch(micro_model, tokens, patches[:1], start_layer=1, resid=base["resid_pre.1"],
+                    start_pos=6, kv=base.kv, last_only=True)  # fmt: skip
+    assert torch.allclose(resumed[:, 0], patch(micro_model, tokens, patches[:1])[:, -1], atol=1e-5)
+    for kwargs in (dict(kv=base.kv), dict(resid=base["resid_pre.0"]),
+                   dict(resid=base["resid_pre.0"], kv=base.kv[:1]),
+                   dict(resid=base["resid_pre.0"], kv=base.kv, start_pos=11)):  # fmt: skip
+        with pytest.raises(ValueError, match="start_pos=.* needs resid and kv|kv must hold"):
+            patch(micro_model, tokens, [], **{"start_pos": 3, **kwargs})
+
+
 def test_bad_patches_are_named(micro_model, inputs):
     src = capture(micro_model, inputs.tokens, "head.0")
     with pytest.raises(
