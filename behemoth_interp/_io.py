@@ -42,15 +42,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_writable(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """`path` as a Path; an error if it is a non-empty directory and `overwrite` is False
+    (call before long work whose result goes there)."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True or --force")
+    return path
+
+
 def write_dir(path: str | os.PathLike, fill: Callable[[Path], None], *, overwrite: bool) -> Path:
     """Build a directory with `fill(tmp_dir)`, then move it into place at `path` in one step.
 
     With `overwrite=False` an existing non-empty `path` is an error; with `True` it is
     replaced only after the new directory is complete.
     """
-    path = Path(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True or --force")
+    path = check_writable(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:

@@ -268,6 +268,51 @@ def trace_cmd(
     typer.echo(result.top(10).to_string(index=False))
 
 
+@app.command("edit")
+def edit_cmd(
+    model_dir: Path = typer.Argument(..., help="A checkpoint directory."),
+    out: Path = typer.Option(..., "--out", help="Directory for the edited checkpoint."),
+    task: str = typer.Option("single", help="single, ten_same, ten_different or forget."),
+    method: str = typer.Option("finetune", help="finetune, lora or rome."),
+    blocks: Optional[str] = typer.Option(
+        None, help="Blocks to edit, e.g. '5' or '2,3' (default: all)."
+    ),
+    components: str = typer.Option("both", help="mlp, attn or both."),
+    rank: int = typer.Option(32, help="LoRA rank."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the method's)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: one epoch)."),
+    epochs: int = typer.Option(1, help="Epochs over the edit dataset."),
+    objective: str = typer.Option(
+        "ce", help="ce, localized, gradient_ascent or gradient_difference."
+    ),
+    relation: int = typer.Option(0, help="The base relation the task edits."),
+    n: int = typer.Option(10, help="Tuples of ten_same / ten_different."),
+    seed: int = typer.Option(0, help="Seed of the task, the dataset and the training."),
+    max_remaining: Optional[int] = typer.Option(
+        None, help="Score remaining accuracy on this many tuples (default: all)."
+    ),
+    html: Optional[Path] = typer.Option(None, help="Also write the report's plot as HTML."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+) -> None:
+    """Edit a checkpoint with one of the paper's tasks; save the edited checkpoint and report."""
+    from behemoth_interp._io import atomic_path, check_writable
+    from behemoth_interp.edit import EditTask, edit
+
+    check_writable(out, overwrite=force)
+    hf, world, _ = load_hf(model_dir)
+    drawn = EditTask.draw(world, task, seed=seed, relation=relation, n=n, correct=hf)
+    chosen = [int(b) for b in blocks.split(",")] if blocks else None
+    result = edit(hf, drawn, method=method, blocks=chosen, components=components, rank=rank,
+                  lr=lr, steps=steps, epochs=epochs, objective=objective, seed=seed,
+                  max_remaining=max_remaining)  # fmt: skip
+    result.save(out, overwrite=force)
+    if html is not None:
+        with atomic_path(html) as tmp:
+            result.report.plot().write_html(str(tmp))
+    typer.echo(f"{drawn!r} by {method}: wrote the edited checkpoint to {out}")
+    typer.echo(result.report.to_dataframe()[["metric", "value"]].to_string(index=False))
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 2 instead of a traceback."""
     try:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPTNeoXForCausalLM
 
-from behemoth_interp._io import read_json, write_json
+from behemoth_interp._io import read_json, write_dir, write_json
 from behemoth_interp.evaluate import FactAccuracy, evaluate_facts
 from behemoth_interp.grammar import OBJECT, PARAPHRASES, get_template, render
 from behemoth_interp.tokenizer import WorldTokenizer
@@ -583,14 +583,35 @@ def _objective(model, objective, weights, x, x_old, mask, inj, differs) -> torch
     return loss
 
 
+EDIT_REPORT = "edit_report.json"
+EDIT_TASK = "edit_task.json"
+
+
 @dataclass
 class EditResult:
-    """An applied edit: the edited HF `model`, its HookedTransformer twin (when asked) and the
-    `report`."""
+    """An applied edit: the edited HF `model`, its HookedTransformer twin (when asked), the
+    `report` and the `task`."""
 
     model: GPTNeoXForCausalLM
     report: EditReport
     hooked: Any = None
+    task: EditTask | None = None
+
+    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the edited model as a checkpoint directory (`load_model` and `load_hf` read it,
+        so every analysis runs on it) with `edit_report.json` and `edit_task.json`; atomic."""
+        from behemoth_interp.model import write_checkpoint
+
+        if self.task is None:
+            raise ValueError("this result has no task: build it with edit(), which records one")
+
+        def fill(tmp: Path) -> None:
+            write_checkpoint(tmp, self.model, self.task.world)
+            self.report.save(tmp / EDIT_REPORT)
+            write_json(tmp / EDIT_TASK, _jsonable({"format": "behemoth-edit-task/1",
+                                                   **self.task.to_dict()}))  # fmt: skip
+
+        return write_dir(Path(out), fill, overwrite=overwrite)
 
 
 def edit(
@@ -670,7 +691,7 @@ def edit(
     else:
         report = EditReport(task.kind, method, settings=settings,
                             changed=changed_parameters(before, after))  # fmt: skip
-    return EditResult(after, report, _twin(after, task.world) if hooked else None)
+    return EditResult(after, report, _twin(after, task.world) if hooked else None, task)
 
 
 def _twin(hf: GPTNeoXForCausalLM, world: World):

@@ -10,6 +10,8 @@ parameter swaps between models mean what they say.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -174,6 +176,28 @@ CHECKPOINT_FILES = (
 )
 
 
+def write_checkpoint(into: Path, hf: GPTNeoXForCausalLM, world: World) -> None:
+    """Write `hf` with its world and tokenizer into the directory `into`, the files `load_hf`
+    reads; callers write into a temporary directory (`_io.write_dir`) so that it is atomic."""
+    hf.save_pretrained(str(into), safe_serialization=True)
+    WorldTokenizer(world.config).save(into)
+    world.write_into(into)
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Without transformers' per-tensor 'Loading weights' bar (noise for a 30M model)."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
 def load_hf(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[GPTNeoXForCausalLM, World, WorldTokenizer]:
@@ -193,7 +217,10 @@ def load_hf(
     world = World.load(path)
     tokenizer = WorldTokenizer(world.config)
     tokenizer.check_saved(path)
-    hf = GPTNeoXForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    with _quiet_loading():
+        hf = GPTNeoXForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=torch.float32
+        )
     if hf.config.vocab_size != tokenizer.vocab_size:
         raise ValueError(
             f"{path}: the model has a vocabulary of {hf.config.vocab_size} tokens but its world's "

@@ -28,7 +28,7 @@ from behemoth_interp._io import read_json, write_dir, write_json
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, count_blocks, load_world
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import OBJECT, PAD_ROLE
-from behemoth_interp.model import build_model, get_preset
+from behemoth_interp.model import build_model, get_preset, write_checkpoint
 from behemoth_interp.world import World, WorldConfig
 
 TRAIN_STATE = "training_state.pt"
@@ -298,7 +298,7 @@ def train(
                 model.eval()
                 final = evaluate_facts(model, world, tokenizer)
                 log["final"] = final.summary()
-            _save(out, model, opt, tokenizer, world, log, config.save_optimizer or step < total)
+            _save(out, model, opt, world, log, config.save_optimizer or step < total)
             model.train()
         if interrupted:
             break
@@ -306,13 +306,11 @@ def train(
     return log
 
 
-def _save(out: Path, model, opt, tokenizer, world, log: dict, with_state: bool) -> None:
+def _save(out: Path, model, opt, world, log: dict, with_state: bool) -> None:
     step = log["step"]
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save(tmp)
-        world.write_into(tmp)
+        write_checkpoint(tmp, model, world)
         log["weights_sha256"] = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
         if with_state:
             torch.save({"step": step, "optimizer": opt.state_dict()}, tmp / TRAIN_STATE)
