@@ -32,7 +32,18 @@ from behemoth_interp.hooks import (
     swap_params,
 )
 from behemoth_interp.model import PRESETS, ModelConfig, load_hf, load_model, to_hooked
+from behemoth_interp.probe import (
+    LatentKnowledge,
+    Localization,
+    ProbeConfig,
+    ProbeResult,
+    flu_layers,
+    latent_knowledge,
+    probe,
+)
 from behemoth_interp.rank import MoveRank, move_rank
+from behemoth_interp.restore import KRSResult, RestoreConfig, restore, window_layers
+from behemoth_interp.rome import RomeConfig, RomeUpdate, apply_rome, key_covariance
 from behemoth_interp.tokenizer import OutOfVocabularyError, WorldTokenizer
 from behemoth_interp.trace import TraceConfig, TraceResult, find_partners, sample_tuples, trace
 from behemoth_interp.train import TrainConfig, capacity_search, train
@@ -50,6 +61,21 @@ __all__ = [
     "evaluate_edit",
     "LrSearch",
     "move_rank",
+    "LatentKnowledge",
+    "Localization",
+    "ProbeConfig",
+    "ProbeResult",
+    "flu_layers",
+    "latent_knowledge",
+    "probe",
+    "KRSResult",
+    "RestoreConfig",
+    "restore",
+    "window_layers",
+    "RomeConfig",
+    "RomeUpdate",
+    "apply_rome",
+    "key_covariance",
     "select_lr",
     "PRESETS",
     "FactAccuracy",

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -90,3 +90,36 @@ def read_json(path: str | os.PathLike, *, what: str, format: str | None = None) 
         found = data.get("format") if isinstance(data, dict) else None
         raise ValueError(f"{path} is not a {what}: its format is {found!r}, expected {format!r}")
     return data
+
+
+def write_tensor_dir(
+    path: str | os.PathLike,
+    meta: tuple[str, Any],
+    tensors: tuple[str, Mapping[str, Any]],
+    *,
+    overwrite: bool,
+) -> Path:
+    """Write a result directory atomically: `meta` = (file name, JSON data) and `tensors` =
+    (file name, name -> tensor, stored as safetensors on the CPU)."""
+    from safetensors.torch import save_file
+
+    (meta_name, data), (tensors_name, arrays) = meta, tensors
+    cpu = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
+
+    def fill(tmp: Path) -> None:
+        save_file(cpu, str(tmp / tensors_name))
+        write_json(tmp / meta_name, data)
+
+    return write_dir(path, fill, overwrite=overwrite)
+
+
+def read_tensor_dir(
+    path: str | os.PathLike, meta_name: str, tensors_name: str, *, what: str, format: str
+) -> tuple[Any, dict[str, Any]]:
+    """Read a directory written by `write_tensor_dir`: (its JSON data, its tensors by name).
+    The JSON's "format" must equal `format`; `what` names the result in errors."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    data = read_json(path / meta_name, what=f"{what} ({meta_name})", format=format)
+    return data, load_file(str(path / tensors_name))

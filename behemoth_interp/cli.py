@@ -209,6 +209,21 @@ def demo(
     typer.echo(f"\nheatmaps: {out.resolve()}")
 
 
+def write_result(result, out: Path, html: Optional[Path], force: bool) -> None:
+    """An analysis result to `out`: its plot if `out` ends in .html, else the saved result
+    (and then the plot to `html`, if given)."""
+    from behemoth_interp._io import atomic_path
+
+    if out.suffix == ".html":
+        html = out
+    else:
+        result.save(out, overwrite=force)
+    if html is not None:
+        with atomic_path(html) as tmp:
+            result.plot().write_html(str(tmp))
+    typer.echo(f"wrote {result!r} to {out}")
+
+
 @app.command("trace")
 def trace_cmd(
     model_dir: Path = typer.Argument(..., help="A checkpoint directory."),
@@ -243,7 +258,6 @@ def trace_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
 ) -> None:
     """Causal tracing of a checkpoint's facts: restoration scores per site, layer and position."""
-    from behemoth_interp._io import atomic_path
     from behemoth_interp.model import load_model
     from behemoth_interp.trace import sample_tuples, trace
 
@@ -256,14 +270,7 @@ def trace_cmd(
     result = trace(model, tuples, sites=tuple(s.strip() for s in sites.split(",")), positions=tuple(pos),
                    corruption=corruption, metric=metric, method=method, object_token=object_token,  # type: ignore[arg-type]
                    seed=seed)  # fmt: skip
-    if out.suffix == ".html":
-        html = out
-    else:
-        result.save(out, overwrite=force)
-    if html is not None:
-        with atomic_path(html) as tmp:
-            result.heatmap().write_html(str(tmp))
-    typer.echo(f"wrote {result!r} to {out}")
+    write_result(result, out, html, force)
     typer.echo("top 10 by mean score:")
     typer.echo(result.top(10).to_string(index=False))
 
@@ -277,7 +284,9 @@ def edit_cmd(
     blocks: Optional[str] = typer.Option(
         None, help="Blocks to edit, e.g. '5' or '2,3' (default: all)."
     ),
-    components: str = typer.Option("both", help="mlp, attn or both."),
+    components: Optional[str] = typer.Option(
+        None, help="mlp, attn or both (default: both; ROME: mlp)."
+    ),
     rank: int = typer.Option(32, help="LoRA rank."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the method's)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: one epoch)."),
@@ -287,6 +296,9 @@ def edit_cmd(
     ),
     relation: int = typer.Option(0, help="The base relation the task edits."),
     n: int = typer.Option(10, help="Tuples of ten_same / ten_different."),
+    forget_fraction: float = typer.Option(
+        0.05, help="Share of the relation's tuples a forget dataset trains on (the paper: 5%)."
+    ),
     seed: int = typer.Option(0, help="Seed of the task, the dataset and the training."),
     max_remaining: Optional[int] = typer.Option(
         None, help="Score remaining accuracy on this many tuples (default: all)."
@@ -296,7 +308,7 @@ def edit_cmd(
 ) -> None:
     """Edit a checkpoint with one of the paper's tasks; save the edited checkpoint and report."""
     from behemoth_interp._io import atomic_path, check_writable
-    from behemoth_interp.edit import EditTask, edit
+    from behemoth_interp.edit import EditDataConfig, EditTask, edit
 
     check_writable(out, overwrite=force)
     hf, world, _ = load_hf(model_dir)
@@ -304,6 +316,7 @@ def edit_cmd(
     chosen = [int(b) for b in blocks.split(",")] if blocks else None
     result = edit(hf, drawn, method=method, blocks=chosen, components=components, rank=rank,
                   lr=lr, steps=steps, epochs=epochs, objective=objective, seed=seed,
+                  data=EditDataConfig(forget_fraction=forget_fraction),
                   max_remaining=max_remaining)  # fmt: skip
     result.save(out, overwrite=force)
     if html is not None:
@@ -311,6 +324,114 @@ def edit_cmd(
             result.report.plot().write_html(str(tmp))
     typer.echo(f"{drawn!r} by {method}: wrote the edited checkpoint to {out}")
     typer.echo(result.report.to_dataframe()[["metric", "value"]].to_string(index=False))
+
+
+@app.command("restore")
+def restore_cmd(
+    vanilla_dir: Path = typer.Argument(..., help="The vanilla checkpoint directory."),
+    edited_dir: Optional[Path] = typer.Argument(
+        None, help="The edited checkpoint (same format); leave out to edit with --task."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="A .html file for the KRS plot, or a directory for the result."
+    ),
+    relation: int = typer.Option(
+        0, "--relation", help="Relation whose prompts are scored (and edited, with --task)."
+    ),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="Edit VANILLA_DIR first: forget, single, ten_same, ten_different."
+    ),
+    settings: str = typer.Option(
+        "coefficients,values,attention,coefficients+attention",
+        help="Parts joined by '+' (coefficients, values, attention), comma-separated.",
+    ),
+    windows: str = typer.Option("1,3", help="Window sizes, each centred on every layer."),
+    n: int = typer.Option(100, "--n", help="Prompts N (a seeded sample of the tuples)."),
+    tokens: int = typer.Option(2, "--tokens", help="Vanilla continuation tokens I scored."),
+    objective: str = typer.Option("ce", help="Edit objective with --task (see `edit`)."),
+    forget_fraction: float = typer.Option(
+        0.5, help="With --task forget: share of the relation's tuples the edit trains on."
+    ),
+    epochs: int = typer.Option(2, "--edit-epochs", help="Edit epochs with --task."),
+    steps: Optional[int] = typer.Option(None, "--edit-steps", help="Edit steps (overrides)."),
+    lr: Optional[float] = typer.Option(None, "--edit-lr", help="Edit learning rate."),
+    seed: int = typer.Option(0, help="Seed of the edit task, the edit and the prompt sample."),
+    html: Optional[Path] = typer.Option(None, help="Also write the plot as an HTML file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+) -> None:
+    """Knowledge Recovery Scores: restore the vanilla model's MLP coefficients, value vectors
+    and attention outputs into an edited model, window by window (Dissecting, Figure 1)."""
+    from behemoth_interp.edit import EditDataConfig, EditTask, edit
+    from behemoth_interp.model import load_model
+    from behemoth_interp.restore import restore
+
+    if (edited_dir is None) == (task is None):
+        raise ValueError("give the edited checkpoint EDITED_DIR or an edit to make with --task")
+    vanilla = load_model(vanilla_dir)
+    world = vanilla.world
+    if task is None:
+        edited = load_model(edited_dir)
+        prompts = world.facts(relation)
+    else:
+        hf = load_hf(vanilla_dir)[0]
+        drawn = EditTask.draw(world, task, seed=seed, relation=relation, correct=hf)
+        result = edit(hf, drawn, objective=objective, epochs=epochs, steps=steps, lr=lr,
+                      data=EditDataConfig(forget_fraction=forget_fraction), seed=seed,
+                      hooked=True, max_remaining=2000)  # fmt: skip
+        r = result.report
+        typer.echo(f"edit {drawn!r}: forget rate {r.forget_rate:.3f}, success {r.success_top1:.3f}"
+                   f", remaining {r.remaining:.3f} (before {r.remaining_before:.3f})")  # fmt: skip
+        edited, prompts = result.hooked, drawn
+    krs = restore(vanilla, edited, prompts, settings=tuple(settings.split(",")),
+                  windows=tuple(int(w) for w in windows.split(",")), n_tokens=tokens,
+                  n_prompts=n, seed=seed)  # fmt: skip
+    write_result(krs, out, html, force)
+    table = krs.to_dataframe().pivot_table(index=["window", "setting"], columns="layer",
+                                           values="krs", sort=False)  # fmt: skip
+    typer.echo("mean KRS per window centre (layer):")
+    typer.echo(table.round(3).to_string())
+
+
+@app.command("probe")
+def probe_cmd(
+    model_dir: Path = typer.Argument(..., help="A checkpoint directory."),
+    out: Path = typer.Option(
+        ..., "--out", help="A .html file for the accuracy plot, or a directory for the probes."
+    ),
+    relation: int = typer.Option(0, "--relation", help="The relation whose objects to probe."),
+    sites: str = typer.Option(
+        "resid", help="'resid' (the residual stream) and hook sites, e.g. 'resid,mlp_out'."
+    ),
+    position: str = typer.Option(
+        "last", help="One input position: 'last', 'last_subject', a token label or an index."
+    ),
+    object_token: int = typer.Option(
+        0, help="The object token to predict (0: first; -1: last, the ones before fed)."
+    ),
+    multiclass: str = typer.Option("multinomial", help="multinomial, or ovr (one-vs-rest)."),
+    test_size: float = typer.Option(0.25, help="Share of each class's subjects held out."),
+    seed: int = typer.Option(0, help="Seed of the train/test split."),
+    html: Optional[Path] = typer.Option(None, help="Also write the accuracy plot as HTML."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
+) -> None:
+    """Linear probes for a relation's objects at every layer, and the FLU localization."""
+    from behemoth_interp.model import load_model
+    from behemoth_interp.probe import flu_layers, probe
+
+    model = load_model(model_dir)
+    pos = int(position) if position.lstrip("-").isdigit() else position
+    result = probe(model, relation, sites=tuple(s.strip() for s in sites.split(",")),
+                   position=pos, object_token=object_token, multiclass=multiclass,  # type: ignore[arg-type]
+                   test_size=test_size, seed=seed)  # fmt: skip
+    write_result(result, out, html, force)
+    table = result.to_dataframe().pivot(index="layer", columns="site", values="accuracy")
+    typer.echo("held-out accuracy per layer:")
+    typer.echo(table.round(3).to_string())
+    if "resid" in result.sites:
+        try:
+            typer.echo(f"FLU localization: blocks {list(flu_layers(result))}")
+        except ValueError as err:
+            typer.echo(f"no FLU localization: {err}")
 
 
 def main() -> None:

@@ -7,8 +7,9 @@ Tasks (Behemoth section 4.7), drawn from a World with a seed on one base relatio
 - 'forget': every tuple of r -> r's first object (object 0).
 Edit datasets follow section 4.7: repeats of the edited tuples with their new objects, unchanged
 tuples sharing the old object, and random other tuples (2:1:4); forgetting uses a 5% sample of
-r's tuples plus other relations' tuples (1:1). `edit` applies a method (full-rank fine-tuning on
-any subset of blocks and components) to an HF GPT-NeoX model and scores it in an `EditReport`.
+r's tuples plus other relations' tuples (1:1). `edit` applies a method (full-rank fine-tuning or
+LoRA on any subset of blocks and components, or ROME on one MLP, `rome.py`) to an HF GPT-NeoX
+model and scores it in an `EditReport`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -33,11 +34,14 @@ from behemoth_interp.grammar import OBJECT, PARAPHRASES, get_template, render
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
 
+if TYPE_CHECKING:
+    from behemoth_interp.rome import RomeConfig
+
 TaskKind = Literal["single", "ten_same", "ten_different", "forget", "custom"]
 TASKS: tuple[str, ...] = ("single", "ten_same", "ten_different", "forget")
 """The paper's four edit tasks (section 4.7); 'custom' tasks are built from given tuples."""
 COMPONENT_CHOICES = ("mlp", "attn")
-METHODS = ("finetune", "lora")
+METHODS = ("finetune", "lora", "rome")
 OBJECTIVES = ("ce", "localized", "gradient_ascent", "gradient_difference")
 DEFAULT_LR = {"finetune": 3e-4, "lora": 1e-3}
 """Learning rates that edit the micro test model in one epoch (pass lr= for other models)."""
@@ -620,7 +624,7 @@ def edit(
     *,
     method: str = "finetune",
     blocks=None,
-    components: str | tuple[str, ...] = ("mlp", "attn"),
+    components: str | tuple[str, ...] | None = None,
     lr: float | None = None,
     steps: int | None = None,
     epochs: int = 1,
@@ -635,13 +639,18 @@ def edit(
     hooked: bool = False,
     evaluate: bool = True,
     max_remaining: int | None = None,
+    rome: RomeConfig | None = None,
 ) -> EditResult:
     """Apply `task` to a copy of an HF GPT-NeoX model (or a checkpoint directory).
 
-    Both methods train with AdamW on the object tokens of the task's `edit_dataset`, only in
-    `components` ('mlp', 'attn', 'both') of `blocks` (None: all; Behemoth section 5):
-    'finetune' trains those weights at full rank; 'lora' trains rank-`rank` adapters (peft,
-    scaling alpha/rank, alpha defaults to rank) on their linear layers and merges them back.
+    'finetune' and 'lora' train with AdamW on the object tokens of the task's `edit_dataset`,
+    only in `components` ('mlp', 'attn', 'both'; None: both) of `blocks` (None: all; Behemoth
+    section 5): 'finetune' trains those weights at full rank; 'lora' trains rank-`rank`
+    adapters (peft, scaling alpha/rank, alpha defaults to rank) on their linear layers and
+    merges them back. 'rome' makes one rank-one update of one block's MLP output weights per
+    edited tuple, sequentially (`rome.apply_rome`; blocks: that one block, default
+    `rome.layer`; components: 'mlp'), configured by `rome` (a `RomeConfig`), not by the
+    training arguments.
     `steps` overrides `epochs` (the paper trains one epoch); lr defaults to `DEFAULT_LR`.
     objective: 'ce' (Behemoth: cross-entropy on every object token of the dataset);
     'localized' (Guo et al. 2024: w1·injection + w2·retain + w3·forget, forget = -log(1-p_old));
@@ -651,6 +660,16 @@ def edit(
     """
     if method not in METHODS:
         raise ValueError(f"unknown edit method {method!r}: choose one of {METHODS}")
+    if method == "rome":
+        if lr is not None or steps is not None:
+            raise ValueError(
+                "ROME takes no lr or steps: set them as rome=RomeConfig(v_lr=..., v_steps=...)"
+            )
+        return _rome(model_or_checkpoint, task, blocks, components, rome, seed=seed,
+                     hooked=hooked, evaluate=evaluate, max_remaining=max_remaining)  # fmt: skip
+    if rome is not None:
+        raise ValueError(f"rome= configures method='rome', not {method!r}: leave it out")
+    components = ("mlp", "attn") if components is None else components
     lr = DEFAULT_LR[method] if lr is None else lr
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}: choose one of {OBJECTIVES}")
@@ -685,13 +704,60 @@ def edit(
                 "seconds": time.perf_counter() - started, **info}  # fmt: skip
     if method == "lora":
         settings.update(rank=rank, alpha=float(rank if alpha is None else alpha))
-    if evaluate:
-        report = evaluate_edit(after, task, before=before, settings=settings,
-                               max_remaining=max_remaining, seed=seed)  # fmt: skip
-    else:
-        report = EditReport(task.kind, method, settings=settings,
-                            changed=changed_parameters(before, after))  # fmt: skip
+    report = _report(after, task, before, settings, evaluate, max_remaining, seed)
     return EditResult(after, report, _twin(after, task.world) if hooked else None, task)
+
+
+def _report(after, task: EditTask, before, settings: dict[str, Any], evaluate: bool,
+            max_remaining: int | None, seed: int) -> EditReport:  # fmt: skip
+    """The edit's full `evaluate_edit` report, or (evaluate=False) its settings and changes."""
+    if evaluate:
+        return evaluate_edit(after, task, before=before, settings=settings,
+                             max_remaining=max_remaining, seed=seed)  # fmt: skip
+    return EditReport(task.kind, settings["method"], settings=settings,
+                      changed=changed_parameters(before, after))  # fmt: skip
+
+
+def _rome(before, task: EditTask, blocks, components, config: RomeConfig | None, *, seed: int,
+          hooked: bool, evaluate: bool, max_remaining: int | None) -> EditResult:  # fmt: skip
+    """`edit(method="rome")`: ROME on the twin HookedTransformer, W_out copied back to HF."""
+    from behemoth_interp.rome import RomeConfig, apply_rome
+
+    before = _resolve(before, task)
+    n = before.config.num_hidden_layers
+    if blocks is not None:
+        blocks = [int(b) for b in np.atleast_1d(np.asarray(list(blocks), dtype=np.int64))]
+        if len(blocks) != 1:
+            raise ValueError(
+                f"ROME edits the MLP of exactly one block, got blocks={blocks}: pass one block "
+                f"of 0..{n - 1}, e.g. blocks=[0], or None for rome.layer"
+            )
+        if config is not None and config.layer != blocks[0]:
+            raise ValueError(
+                f"blocks={blocks} and rome.layer={config.layer} disagree: give the layer once"
+            )
+        config = RomeConfig(layer=blocks[0]) if config is None else config
+    config = RomeConfig() if config is None else config
+    layer, comps = _selection(before, [config.layer], "mlp" if components is None else components)
+    if comps != ("mlp",):
+        raise ValueError(
+            f"ROME edits MLP output weights only, got components={components!r}: "
+            "pass components='mlp' or leave it out"
+        )
+    started = time.perf_counter()
+    after = copy.deepcopy(before)
+    twin = _twin(after, task.world)
+    updates = apply_rome(twin, task, config)
+    weight = after.gpt_neox.layers[config.layer].mlp.dense_4h_to_h.weight
+    with torch.no_grad():
+        weight.copy_(twin.blocks[config.layer].mlp.W_out.T)
+    settings = {"method": "rome", "blocks": layer, "components": ["mlp"],
+                "mode": "sequential" if len(task.facts) > 1 else "single",
+                "rome": config.to_dict(), "seed": seed, "edits": [u.to_dict() for u in updates],
+                "skipped": int((~task.changed).sum()),
+                "seconds": time.perf_counter() - started}  # fmt: skip
+    report = _report(after, task, before, settings, evaluate, max_remaining, seed)
+    return EditResult(after, report, twin if hooked else None, task)
 
 
 def _twin(hf: GPTNeoXForCausalLM, world: World):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from behemoth_interp._io import read_json, write_dir, write_json
+from behemoth_interp._io import read_tensor_dir, write_tensor_dir
 from behemoth_interp.grammar import get_template
 from behemoth_interp.hooks import (
     SITE_KINDS,
@@ -265,31 +265,20 @@ class TraceResult:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write `trace.json` (config, axes) and `scores.safetensors` into directory `path`."""
-        from safetensors.torch import save_file
-
-        tensors = {f"scores/{k}": v.detach().cpu().contiguous() for k, v in self.scores.items()}
+        tensors = {f"scores/{k}": v for k, v in self.scores.items()}
         for name in ("tuples", "partners", "clean", "corrupted"):
             tensors[name] = torch.as_tensor(np.ascontiguousarray(getattr(self, name)))
         meta = {"format": TRACE_FORMAT, "config": self.config.to_dict(), "sites": list(self.sites),
                 "positions": list(self.positions),
                 "relation_names": list(self.relation_names)}  # fmt: skip
-
-        def fill(tmp: Path) -> None:
-            save_file(tensors, str(tmp / "scores.safetensors"))
-            write_json(tmp / "trace.json", meta)
-
-        return write_dir(path, fill, overwrite=overwrite)
+        return write_tensor_dir(path, ("trace.json", meta), ("scores.safetensors", tensors),
+                                overwrite=overwrite)  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path) -> TraceResult:
         """Read a trace written by `save`."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        meta = read_json(
-            path / "trace.json", what="trace description (trace.json)", format=TRACE_FORMAT
-        )
-        t = load_file(str(path / "scores.safetensors"))
+        meta, t = read_tensor_dir(path, "trace.json", "scores.safetensors",
+                                  what="trace description", format=TRACE_FORMAT)  # fmt: skip
         return cls(
             scores={k: t[f"scores/{k}"] for k in meta["sites"]},
             tuples=t["tuples"].numpy(), partners=t["partners"].numpy(),

@@ -270,8 +270,8 @@ def test_single_override_reaches_the_new_object(micro_hf, tmp_path):
 def test_edit_input_errors(micro_hf, worlds):
     hf, world, _ = micro_hf
     task = EditTask.draw(world, "single")
-    with pytest.raises(ValueError, match="unknown edit method 'rome'.*'finetune', 'lora'"):
-        edit(hf, task, method="rome")
+    with pytest.raises(ValueError, match="unknown edit method 'memit'.*'finetune', 'lora', 'rome'"):
+        edit(hf, task, method="memit")
     with pytest.raises(TypeError, match="HF GPT-NeoX model or a checkpoint directory"):
         edit(object(), task)
     with pytest.raises(ValueError, match="need lr > 0"):
