@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -123,3 +124,29 @@ def read_tensor_dir(
     path = Path(path)
     data = read_json(path / meta_name, what=f"{what} ({meta_name})", format=format)
     return data, load_file(str(path / tensors_name))
+
+
+class JsonConfig:
+    """`to_dict` / `from_dict` for frozen dataclass configs: tuples (nested ones too) become
+    JSON lists and come back as tuples, and unknown fields are refused by name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _lists(v) for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} fields {sorted(unknown)}: was it written by another "
+                "version? Drop them or upgrade"
+            )
+        return cls(**{k: _tuples(v) for k, v in d.items()})
+
+
+def _lists(x: Any) -> Any:
+    return [_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPTNeoXForCausalLM
 
-from behemoth_interp._io import read_json, write_dir, write_json
+from behemoth_interp._io import JsonConfig, read_json, write_dir, write_json
 from behemoth_interp.evaluate import FactAccuracy, evaluate_facts
 from behemoth_interp.grammar import OBJECT, PARAPHRASES, get_template, render
 from behemoth_interp.tokenizer import WorldTokenizer
@@ -290,7 +290,7 @@ def _correct_mask(world: World, relation: int, correct) -> np.ndarray:
 
 # ============================================================================ datasets
 @dataclass(frozen=True)
-class EditDataConfig:
+class EditDataConfig(JsonConfig):
     """How an edit dataset is assembled (Behemoth section 4.7).
 
     repeats: copies of each edited tuple (with its new object); ratio: edited : sharing :
@@ -331,18 +331,6 @@ class EditDataConfig:
             raise ValueError("grammar_mix weights sum to 0: give at least one template weight > 0")
         for name, _ in self.grammar_mix:
             get_template(name)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["grammar_mix"] = [list(x) for x in self.grammar_mix]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EditDataConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown EditDataConfig fields {sorted(unknown)}")
-        return cls(**{**d, "grammar_mix": tuple(tuple(x) for x in d.get("grammar_mix", ()))})
 
 
 PARTS = ("edit", "sharing", "random", "forget", "other")

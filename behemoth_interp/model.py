@@ -9,18 +9,18 @@ parameter swaps between models mean what they say.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from behemoth_interp._io import JsonConfig
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """GPT-NeoX shape: Pythia-31M is 6 layers, d_model 256, 8 heads, d_mlp 1024, rotary 25%."""
 
     n_layers: int = 6
@@ -46,9 +46,6 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if not 0 < self.rotary_pct <= 1:
             raise ValueError(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 PRESETS: dict[str, ModelConfig] = {

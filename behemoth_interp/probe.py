@@ -13,11 +13,10 @@ Activations come from `hooks.capture`, the one hook layer every analysis uses.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from behemoth_interp._io import read_json, write_dir, write_json
+from behemoth_interp._io import JsonConfig, read_json, write_dir, write_json
 from behemoth_interp.grammar import get_template
 from behemoth_interp.hooks import SITE_KINDS, Inputs, Site, build_inputs, capture
 from behemoth_interp.tokenizer import WorldTokenizer
@@ -45,7 +44,7 @@ Multiclass = Literal["multinomial", "ovr"]
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
+class ProbeConfig(JsonConfig):
     """What a probe reads and predicts. `probe` builds one from its keyword arguments.
 
     relation: the relation id; sites: 'resid' and/or hook site kinds; position: one input
@@ -97,18 +96,6 @@ class ProbeConfig:
             raise ValueError(
                 f"need C > 0 and max_iter >= 1, got C={self.C}, max_iter={self.max_iter}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["sites"], d["exclude"] = list(self.sites), list(self.exclude)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ProbeConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ProbeConfig fields {sorted(unknown)}")
-        return cls(**{**d, "sites": tuple(d["sites"]), "exclude": tuple(d.get("exclude", ()))})
 
 
 # ---------------------------------------------------------------------------------- results

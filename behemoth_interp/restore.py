@@ -16,10 +16,9 @@ vanilla `W_out` and `b_out` of the window's MLPs; settings join these with '+'.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from behemoth_interp._io import read_tensor_dir, write_tensor_dir
+from behemoth_interp._io import JsonConfig, read_tensor_dir, write_tensor_dir
 from behemoth_interp.edit import EditTask
 from behemoth_interp.grammar import get_template
 from behemoth_interp.hooks import Patch, Site, build_inputs, capture, patch, swap_params
@@ -70,7 +69,7 @@ def window_layers(centre: int, size: int, n_layers: int) -> range:
 
 
 @dataclass(frozen=True)
-class RestoreConfig:
+class RestoreConfig(JsonConfig):
     """What a restoration measures. `restore` builds one from its keyword arguments.
 
     settings: parts joined by '+' (see `PARTS`); windows: window sizes, each centred on every
@@ -110,18 +109,6 @@ class RestoreConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         get_template(self.template)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["settings"], d["windows"] = list(self.settings), list(self.windows)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RestoreConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown RestoreConfig fields {sorted(unknown)}")
-        return cls(**{**d, "settings": tuple(d["settings"]), "windows": tuple(d["windows"])})
 
 
 # ---------------------------------------------------------------------------------- results

@@ -25,7 +25,6 @@ ends in that token. C is cached in memory only: it takes seconds to estimate.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -38,6 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from behemoth_interp._io import JsonConfig
 from behemoth_interp.edit import EditTask
 from behemoth_interp.grammar import get_template, render
 from behemoth_interp.hooks import Capture, Inputs, Patch, Site, build_inputs, capture
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class RomeConfig:
+class RomeConfig(JsonConfig):
     """How ROME edits. kl_factor, weight_decay, clamp_norm_factor and v_stop_loss are ROME's
     GPT-2 XL values; layer, v_lr and v_steps were measured on the shipped independent model
     (single overrides): layer 0 is the only block whose last-subject-token MLP moves the object
@@ -104,16 +104,6 @@ class RomeConfig:
             raise ValueError(
                 f"cov_sentences={self.cov_sentences}: draw at least one, or None for all"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "templates": list(self.templates)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RomeConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown RomeConfig fields {sorted(unknown)}")
-        return cls(**{**d, "templates": tuple(d.get("templates", ("paper",)))})
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from behemoth_interp._io import read_tensor_dir, write_tensor_dir
+from behemoth_interp._io import JsonConfig, read_tensor_dir, write_tensor_dir
 from behemoth_interp.grammar import get_template
 from behemoth_interp.hooks import (
     SITE_KINDS,
@@ -52,7 +52,7 @@ Method = Literal["exact", "attribution"]
 
 
 @dataclass(frozen=True)
-class TraceConfig:
+class TraceConfig(JsonConfig):
     """What a trace measures. `trace` builds one from its keyword arguments.
 
     sites: site kinds, each traced at every layer. positions: names ('subject', 'last', 'each',
@@ -102,15 +102,6 @@ class TraceConfig:
     def needs_partners(self) -> bool:
         """Swapped subjects need partners; so does a metric that names an incorrect token."""
         return self.corruption == "swap" or self.metric != "prob"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["sites"], d["positions"] = list(self.sites), list(self.positions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TraceConfig:
-        return cls(**{**d, "sites": tuple(d["sites"]), "positions": tuple(d["positions"])})
 
 
 # ---------------------------------------------------------------------------------- results

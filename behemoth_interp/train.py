@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GPTNeoXForCausalLM
 
-from behemoth_interp._io import read_json, write_dir, write_json
+from behemoth_interp._io import JsonConfig, read_json, write_dir, write_json
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, count_blocks, load_world
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import OBJECT, PAD_ROLE
@@ -36,7 +36,7 @@ TRAIN_LOG = "train_log.json"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Optimization settings. Give `epochs` or `steps` (steps wins when both are set).
 
     loss_on: 'all' trains on every non-pad token (the paper); 'object' only on object tokens,
@@ -99,13 +99,6 @@ class TrainConfig:
         return self.lr * (
             self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return cls(**d)
 
 
 def resolve_device(device: str) -> torch.device:

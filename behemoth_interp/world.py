@@ -12,17 +12,16 @@ R..2R-1 and implied relations 2R..3R-1 (relation r's partners are R + r and 2R +
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from behemoth_interp._io import read_json, write_dir, write_json
+from behemoth_interp._io import JsonConfig, read_json, write_dir, write_json
 
 Distribution = Literal["independent", "correlated", "nested"]
 TupleKind = Literal["base", "nested", "implied"]
@@ -62,7 +61,7 @@ def entity_factors(n: int, k: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class WorldConfig:
+class WorldConfig(JsonConfig):
     """Everything that determines a world; the same config gives the same world, bit for bit."""
 
     distribution: Distribution = "independent"
@@ -133,18 +132,6 @@ class WorldConfig:
         if self.distribution == "nested":
             spaces["nested"] = (self.n_nested_objects, self.nested_tokens)
         return spaces
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["correlated"] = list(self.correlated)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> WorldConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown WorldConfig fields {sorted(unknown)}")
-        return cls(**d)
 
 
 class World:

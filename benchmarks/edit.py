@@ -35,9 +35,9 @@ TASK_N = {"ten_same": 6, "ten_different": 10}
 """ten_same needs n subjects sharing one object: the 400-subject world has at most 6."""
 
 
-def _time_edits(hf, world, repeats: int) -> None:
+def _time_edits(hf, world, methods: dict, repeats: int) -> None:
     print(f"{'method':<10} {'s/edit':>8} {'min s':>8} {'params changed':>15}  (single override)")
-    for name, kwargs in METHODS.items():
+    for name, kwargs in methods.items():
         times, changed = [], 0
         for seed in range(repeats):
             task = EditTask.draw(world, "single", seed=seed, correct=hf)
@@ -48,12 +48,12 @@ def _time_edits(hf, world, repeats: int) -> None:
         print(f"{name:<10} {statistics.median(times):8.2f} {min(times):8.2f} {changed:15,}")
 
 
-def _table(hf, world, seeds: int, tasks: list[str]) -> pd.DataFrame:
+def _table(hf, world, methods: dict, seeds: int, tasks: list[str]) -> pd.DataFrame:
     rows = []
     for kind in tasks:
         for seed in range(seeds):
             task = EditTask.draw(world, kind, seed=seed, n=TASK_N.get(kind, 10), correct=hf)
-            for name, kwargs in METHODS.items():
+            for name, kwargs in methods.items():
                 start = time.perf_counter()
                 if kwargs["method"] == "rome":
                     report = edit(hf, task, seed=seed, **kwargs).report
@@ -88,17 +88,22 @@ def main() -> None:
     p.add_argument("--table", action="store_true", help="the four tasks by every method")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--tasks", default="single,ten_same,ten_different,forget")
+    p.add_argument("--methods", default=",".join(METHODS), help="of: " + ", ".join(METHODS))
     p.add_argument("--csv", type=Path, default=None, help="also write the table's rows here")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    unknown = set(a.methods.split(",")) - set(METHODS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
+    methods = {name: METHODS[name] for name in a.methods.split(",")}
     hf, world, _ = load_hf(a.model)
     print(f"model {a.model}: {world!r}, threads {torch.get_num_threads()}")
     if not a.table:
-        _time_edits(hf, world, a.repeats)
+        _time_edits(hf, world, methods, a.repeats)
         return
-    df = _table(hf, world, a.seeds, a.tasks.split(","))
+    df = _table(hf, world, methods, a.seeds, a.tasks.split(","))
     if a.csv:
         df.to_csv(a.csv, index=False)
     print(_markdown(df))
