@@ -407,9 +407,10 @@ def _hooks(model, tokens: Tensor, patches, records: Mapping[Site, Callable], sta
     n_layers = model.cfg.n_layers
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-    if not 0 <= start_layer < n_layers:
+    if not 0 <= start_layer <= n_layers:
         raise ValueError(
-            f"start_layer={start_layer} is out of range: the model has layers 0..{n_layers - 1}"
+            f"start_layer={start_layer} is out of range: resume at a block of 0..{n_layers - 1}, "
+            f"or at {n_layers} from the stream after the last block"
         )
     if resid is None and start_layer:
         raise ValueError(f"start_layer={start_layer} needs resid, the residual stream entering it")

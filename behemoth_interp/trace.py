@@ -476,6 +476,11 @@ def trace(
     noised = _noise_patches(model, run, clean, config) if config.corruption == "noise" else []
     streams = [Site("resid_pre", layer) for layer in range(model.cfg.n_layers)]
     grad_of = run.value if method == "attribution" else None
+    if method == "exact":  # the stream after the last block, for rows that resume there
+        streams += [
+            Site("attn_out", model.cfg.n_layers - 1),
+            Site("mlp_out", model.cfg.n_layers - 1),
+        ]
     corrupt = capture(model, run.corrupted, [*all_sites, *streams], patches=noised, grad_of=grad_of,
                       keep_kv=method == "exact")  # fmt: skip
     v_corrupt = run.value(corrupt.logits)
@@ -569,13 +574,20 @@ def _exact(
 ):
     """Every (tuple, layer, group, head) of every site kind is one row of a stacked batch.
 
-    A row resumes from the corrupted run's residual stream at its layer and first patched
-    position, attending to the positions before through the corrupted run's keys and values
-    (the blocks and positions before are unchanged by the patch); a row whose clean
-    activations equal the corrupted ones at its positions changes nothing: it scores exactly 0
-    without a run.
+    Each row is the corrupted run resumed from a residual stream with the clean activation put
+    back: a 'resid_pre' row replaces the stream entering its block at its positions. The other
+    sites add to the stream, and GPT-NeoX blocks are parallel (the MLP reads the block's input,
+    not the attention output), so restoring one at layer l adds clean − corrupted (through W_O
+    for a head, W_out for coefficients) to the stream leaving block l, and the row resumes at
+    block l + 1; after the last block only the last position is read, so a row there that
+    misses it scores exactly 0 without a run. A row also starts at its first patched position,
+    attending to the positions before through the corrupted run's keys and values (nothing
+    before a patch changes), and a row whose clean activations equal the corrupted ones at its
+    positions scores exactly 0 without a run.
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if not model.cfg.parallel_attn_mlp:
+        raise ValueError("exact tracing assumes parallel attention and MLP (GPT-NeoX blocks)")
     scores, todo = {}, []
     for ki, kind in enumerate(kinds):
         heads = (n_heads,) if kind == "head" else ()
@@ -585,31 +597,51 @@ def _exact(
             same = (clean[site] == corrupt[site]).flatten(2 + len(heads)).all(-1)  # [t pos (head)]
             outside = ~groups.reshape(1, *groups.shape, *[1] * len(heads))
             active = ~(same[:, None] | outside).all(2)  # [t group (head)]
+            if kind != "resid_pre" and layer == n_layers - 1:
+                active &= groups[:, -1].reshape(1, -1, *[1] * len(heads))
             index = F.pad(active.nonzero(), (0, 1 - len(heads)))  # t, group, head
             todo.append(F.pad(F.pad(index, (1, 0), value=layer), (1, 0), value=ki))
     todo = torch.cat(todo)  # columns: kind, layer, tuple, group, head
+    adds = torch.as_tensor([k != "resid_pre" for k in kinds], device=todo.device)
+    resume = todo[:, 1] + adds[todo[:, 0]]  # the block each row resumes at
     first = groups.int().argmax(1)[todo[:, 3]]  # the group's first position
-    for layer, start in torch.stack([todo[:, 1], first], 1).unique(dim=0).tolist():
-        resid = corrupt[Site("resid_pre", layer)]
-        for chunk in todo[(todo[:, 1] == layer) & (first == start)].split(batch_size):
-            kind_i, _, t, g, h = chunk.unbind(1)
-            patches = []
-            for ki in kind_i.unique().tolist():
-                mask = groups[g] & (kind_i == ki)[:, None]
-                if kinds[ki] == "head":
-                    mask = mask[:, :, None] & F.one_hot(h, n_heads).bool()[:, None, :]
-                site = Site(kinds[ki], layer)
-                patches.append(Patch(site, clean[site], mask, rows=t))
-            kv = [(k[t], v[t]) for k, v in corrupt.kv]
-            logits = patch(model, run.corrupted[t], patches, start_layer=layer, resid=resid[t],
-                           last_only=True, start_pos=start, kv=kv)  # fmt: skip
-            values = ((run.value(logits, t) - v_corrupt[t]) / scale[t]).cpu()
-            kind_i, t, g, h = kind_i.cpu(), t.cpu(), g.cpu(), h.cpu()
+    last = Site("resid_pre", n_layers - 1)
+    streams = [corrupt[Site("resid_pre", layer)] for layer in range(n_layers)]
+    streams.append(corrupt[last] + corrupt[Site("attn_out", last.layer)]
+                   + corrupt[Site("mlp_out", last.layer)])  # fmt: skip
+    for block, start in torch.stack([resume, first], 1).unique(dim=0).tolist():
+        for chunk in todo[(resume == block) & (first == start)].split(batch_size):
+            kind_i, layer, t, g, h = chunk.unbind(1)
+            resid = streams[block][t].clone()
             for ki in kind_i.unique().tolist():
                 rows = kind_i == ki
-                at = (t[rows], layer, g[rows], h[rows])[: scores[kinds[ki]].ndim]
+                mask = groups[g[rows]]
+                site = Site(kinds[ki], block - int(adds[ki]))
+                if kinds[ki] == "resid_pre":
+                    resid[rows] = torch.where(mask[..., None], clean[site][t[rows]], resid[rows])
+                else:
+                    added = _written(model, site, clean[site] - corrupt[site], t[rows], h[rows])
+                    resid[rows] += added * mask[..., None]
+            kv = [(k[t], v[t]) for k, v in corrupt.kv]
+            logits = patch(model, run.corrupted[t], [], start_layer=block, resid=resid,
+                           last_only=True, start_pos=start, kv=kv)  # fmt: skip
+            values = ((run.value(logits, t) - v_corrupt[t]) / scale[t]).cpu()
+            kind_i, layer, t, g, h = (x.cpu() for x in (kind_i, layer, t, g, h))
+            for ki in kind_i.unique().tolist():
+                rows = kind_i == ki
+                at = (t[rows], layer[rows], g[rows], h[rows])[: scores[kinds[ki]].ndim]
                 scores[kinds[ki]][at] = values[rows]
     return scores
+
+
+def _written(model, site: Site, diff: Tensor, t: Tensor, h: Tensor) -> Float[Tensor, "row pos d"]:
+    """What the difference `diff` of a site's activations [tuple, pos, ...] adds to the
+    residual stream, for the rows' tuples `t` (and heads `h`)."""
+    if site.kind == "mlp_post":
+        return diff[t] @ model.blocks[site.layer].mlp.W_out
+    if site.kind == "head":
+        return torch.einsum("rpe,red->rpd", diff[t, :, h], model.blocks[site.layer].attn.W_O[h])
+    return diff[t]
 
 
 def _attribution(clean: Capture, corrupt: Capture, groups, kinds, scale) -> dict[str, Tensor]:

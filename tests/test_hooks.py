@@ -231,6 +231,9 @@ def test_resuming_and_last_only_save_work_not_results(micro_model, inputs):
             micro_model, tokens, [], start_layer=layer, resid=full[f"resid_pre.{layer}"]
         )
         assert torch.allclose(resumed, full.logits, atol=1e-5)
+    _, cache = micro_model.run_with_cache(tokens)
+    final = patch(micro_model, tokens, [], start_layer=2, resid=cache["blocks.1.hook_resid_post"])
+    assert torch.allclose(final, full.logits, atol=1e-5)  # resuming after the last block
     last = patch(micro_model, tokens, [], last_only=True)
     assert last.shape == (4, 1, micro_model.cfg.d_vocab)
     assert torch.allclose(last[:, 0], full.logits[:, -1], atol=1e-6)
@@ -241,7 +244,7 @@ def test_resuming_and_last_only_save_work_not_results(micro_model, inputs):
     early = Patch(Site("resid_pre", 0), full["resid_pre.0"], torch.ones(11, dtype=torch.bool))
     cases = [
         (dict(start_layer=1), "start_layer=1 needs resid"),
-        (dict(start_layer=2, resid=full["resid_pre.1"]), "start_layer=2 is out of range"),
+        (dict(start_layer=3, resid=full["resid_pre.1"]), "start_layer=3 is out of range"),
         (dict(start_layer=1, resid=full["resid_pre.1"][:, :5]), r"resid has shape \(4, 5, 64\)"),
     ]
     for kwargs, message in cases:
