@@ -48,10 +48,10 @@ def _time_edits(hf, world, methods: dict, repeats: int) -> None:
         print(f"{name:<10} {statistics.median(times):8.2f} {min(times):8.2f} {changed:15,}")
 
 
-def _table(hf, world, methods: dict, seeds: int, tasks: list[str]) -> pd.DataFrame:
+def _table(hf, world, methods: dict, seeds: range, tasks: list[str]) -> pd.DataFrame:
     rows = []
     for kind in tasks:
-        for seed in range(seeds):
+        for seed in seeds:
             task = EditTask.draw(world, kind, seed=seed, n=TASK_N.get(kind, 10), correct=hf)
             for name, kwargs in methods.items():
                 start = time.perf_counter()
@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--table", action="store_true", help="the four tasks by every method")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed.. first+seeds-1")
     p.add_argument("--tasks", default="single,ten_same,ten_different,forget")
     p.add_argument("--methods", default=",".join(METHODS), help="of: " + ", ".join(METHODS))
     p.add_argument("--csv", type=Path, default=None, help="also write the table's rows here")
@@ -103,7 +104,8 @@ def main() -> None:
     if not a.table:
         _time_edits(hf, world, methods, a.repeats)
         return
-    df = _table(hf, world, methods, a.seeds, a.tasks.split(","))
+    seeds = range(a.first_seed, a.first_seed + a.seeds)
+    df = _table(hf, world, methods, seeds, a.tasks.split(","))
     if a.csv:
         df.to_csv(a.csv, index=False)
     print(_markdown(df))
