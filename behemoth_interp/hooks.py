@@ -290,7 +290,8 @@ def capture(
     to each captured activation (attribution patching needs both in one pass). Activations are
     recorded after any patch at the same site. With `resid`, the residual stream entering block
     `start_layer` (say a captured resid_pre), the run resumes there and skips the blocks before;
-    `last_only` unembeds the last position only (logits [batch 1 vocab]). With `start_pos` as
+    `last_only` unembeds the last position only (logits [batch 1 vocab]) and, when no site or
+    patch is in the last block, runs that block for the last position only. With `start_pos` as
     well, and `kv` (every block's keys and values of the run `resid` came from, see
     `keep_kv`), it computes positions `start_pos`.. only, attending to the earlier positions
     through TransformerLens' key-value cache: a patch there cannot change what comes before it.
@@ -315,7 +316,11 @@ def capture(
             for layer in range(start_layer, model.cfg.n_layers)
             for x in "kv"
         ]
-    run = partial(_forward, model, tokens, start_layer, resid, last_only, start_pos, cache)
+    # the last block can serve the last position alone when no hook there needs the others
+    hooked_last = keep_kv or any(name.startswith(f"blocks.{model.cfg.n_layers - 1}.")
+                                 for name, _ in hooks)  # fmt: skip
+    lean = last_only and not hooked_last
+    run = partial(_forward, model, tokens, start_layer, resid, lean, last_only, start_pos, cache)
     if grad_of is None:
         with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
             logits = run()
@@ -386,19 +391,42 @@ def _kv_cache(model, tokens: Tensor, start_pos: int, resid: Tensor | None, kv):
     return TransformerLensKeyValueCache(entries, mask, frozen=True)
 
 
-def _forward(model, tokens: Tensor, start_layer: int, resid: Tensor | None, last_only: bool,
-             start_pos: int, cache):  # fmt: skip
-    """Logits from the embedding, or from block `start_layer` given the stream entering it."""
+def _forward(model, tokens: Tensor, start_layer: int, resid: Tensor | None, lean: bool,
+             last_only: bool, start_pos: int, cache):  # fmt: skip
+    """Logits from the embedding, or from block `start_layer` given the stream entering it.
+
+    `lean`: the last block runs for the last position only (see `_last_position`).
+    """
     from transformer_lens.utilities.activation_functions import apply_softcap
 
     n_layers = model.cfg.n_layers
+    stop = n_layers - 1 if lean and start_layer < n_layers else n_layers
     if resid is None:
-        x = model(tokens, stop_at_layer=n_layers)
+        x = model(tokens, stop_at_layer=stop)
     else:
-        x = model(resid[:, start_pos:], start_at_layer=start_layer, stop_at_layer=n_layers,
+        x = model(resid[:, start_pos:], start_at_layer=start_layer, stop_at_layer=stop,
                   past_kv_cache=cache)  # fmt: skip
+    if stop < n_layers:
+        x = _last_position(model.blocks[stop], x, None if cache is None else cache.entries[stop])
     logits = model.unembed(model.ln_final(x[:, -1:] if last_only else x))
     return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+
+
+def _last_position(block, x: Float[Tensor, "batch pos d_model"], past) -> Tensor:
+    """`block`'s output at the last position of `x` [batch 1 d_model]: the other positions
+    only lend it their keys and values, appended to `past` (a cache entry for the positions
+    before `x`, or None). This skips their queries, attention and MLP, which nothing reads.
+    """
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    normed = block.ln1(x[:, :-1])
+    # no queries are needed before the last position: an empty query input skips them
+    _, k, v = block.attn.calculate_qkv_matrices(normed[:, :0], normed, normed)
+    if past is not None:
+        k, v = torch.cat([past.past_keys, k], 1), torch.cat([past.past_values, v], 1)
+    return block(
+        x[:, -1:], past_kv_cache_entry=TransformerLensKeyValueCacheEntry(k, v, frozen=True)
+    )
 
 
 def _hooks(model, tokens: Tensor, patches, records: Mapping[Site, Callable], start_layer, resid,

@@ -276,6 +276,19 @@ def test_resuming_at_a_position_reuses_earlier_keys_and_values(micro_model, inpu
     resumed = patch(micro_model, tokens, patches[:1], start_layer=1, resid=base["resid_pre.1"],
                     start_pos=6, kv=base.kv, last_only=True)  # fmt: skip
     assert torch.allclose(resumed[:, 0], patch(micro_model, tokens, patches[:1])[:, -1], atol=1e-5)
+    # with no hook in the last block, its MLP runs on the last position alone
+    widths = []
+    spy = micro_model.blocks[-1].mlp.register_forward_hook(
+        lambda mod, args, out: widths.append(out.shape[1])
+    )
+    try:
+        for sites, width in (("mlp_post.0", 1), ("mlp_post.1", 5)):
+            run = capture(micro_model, tokens, sites, patches=patches[1:], resid=base["resid_pre.0"],
+                          start_pos=6, kv=base.kv, last_only=True)  # fmt: skip
+            assert widths.pop() == width and run[sites].shape[1] == 5
+            assert torch.allclose(run.logits[:, 0], full[:, -1], atol=1e-5)
+    finally:
+        spy.remove()
     for kwargs in (dict(kv=base.kv), dict(resid=base["resid_pre.0"]),
                    dict(resid=base["resid_pre.0"], kv=base.kv[:1]),
                    dict(resid=base["resid_pre.0"], kv=base.kv, start_pos=11)):  # fmt: skip
