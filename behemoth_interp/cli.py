@@ -288,6 +288,9 @@ def edit_cmd(
         None, help="mlp, attn or both (default: both; ROME: mlp)."
     ),
     rank: int = typer.Option(32, help="LoRA rank."),
+    rome_position: Optional[str] = typer.Option(
+        None, help="ROME's key: object (default) or last_subject (ROME's own site; --blocks 0)."
+    ),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the method's)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: one epoch)."),
     epochs: int = typer.Option(1, help="Epochs over the edit dataset."),
@@ -309,13 +312,19 @@ def edit_cmd(
     """Edit a checkpoint with one of the paper's tasks; save the edited checkpoint and report."""
     from behemoth_interp._io import atomic_path, check_writable
     from behemoth_interp.edit import EditDataConfig, EditTask, edit
+    from behemoth_interp.rome import RomeConfig
 
     check_writable(out, overwrite=force)
     hf, world, _ = load_hf(model_dir)
     drawn = EditTask.draw(world, task, seed=seed, relation=relation, n=n, correct=hf)
     chosen = [int(b) for b in blocks.split(",")] if blocks else None
+    rome = None
+    if rome_position is not None:
+        if method != "rome":
+            raise ValueError(f"--rome-position is for --method rome, not {method}: leave it out")
+        rome = RomeConfig(position=rome_position, **({"layer": chosen[0]} if chosen else {}))
     result = edit(hf, drawn, method=method, blocks=chosen, components=components, rank=rank,
-                  lr=lr, steps=steps, epochs=epochs, objective=objective, seed=seed,
+                  rome=rome, lr=lr, steps=steps, epochs=epochs, objective=objective, seed=seed,
                   data=EditDataConfig(forget_fraction=forget_fraction),
                   max_remaining=max_remaining)  # fmt: skip
     result.save(out, overwrite=force)

@@ -1,26 +1,37 @@
 """ROME: a rank-one edit of one MLP's output weights (Meng et al. 2022), with the r-ROME fix.
 
-A fact (s, r, o) is read at the last subject token, where block L's MLP maps a key k (its
-post-activation coefficients, `Site("mlp_post", L)`) to a value W_out^T k + b_out. ROME picks
-a value v* that makes the model say the new object and changes W_out by the rank-one update
-that maps k* to v* while moving the values of the world's other keys least (C = E[k k^T] over
-the world's corpus):
+Block L's MLP maps a key k (its post-activation coefficients, `Site("mlp_post", L)`) to a value
+W_out^T k + b_out. ROME picks a value v* that makes the model say the new object and changes
+W_out by the rank-one update that maps k* to v* while moving the values of the world's other
+keys least (C = E[k k^T] over the world's corpus):
 
     ΔW_out = C⁻¹k* (v* - W_out^T k* - b_out)^T / (k*^T C⁻¹ k*)
 
 The same key k* stands in the numerator and the denominator (r-ROME, Gupta et al. 2024: ROME
 uses a prefix-averaged key in one and the bare key in the other, which makes repeated edits
-collapse), so the edited MLP maps k* to v* exactly. k* is averaged over the prompt templates as
-ROME averages over context prefixes. v* = W_out^T k* + b_out + δ, with δ fit by Adam as in
-ROME: added to the MLP output at the last subject token of every prompt, δ minimizes the new
-object's NLL (both object tokens, teacher-forced) + kl_factor · KL(before ‖ after) on the
-subject's other facts (this world's "essence" of s: the other relations read the same key) +
-weight_decay · ‖δ‖ / ‖v‖², and ‖δ‖ is clamped to clamp_norm_factor · ‖v‖. Tasks with several
-tuples are edited sequentially, one rank-one update after the other.
+collapse), so the edited MLP maps k* to v* exactly. v* = W_out^T k* + b_out + δ, with δ fit by
+Adam as in ROME: added to the MLP output at the key's positions, δ minimizes the new object's
+NLL (both object tokens, teacher-forced) + weight_decay · ‖δ‖ / ‖v‖², and ‖δ‖ is clamped to
+clamp_norm_factor · ‖v‖. Tasks with several tuples are edited sequentially, one rank-one update
+after the other.
 
-GPT-NeoX blocks are parallel (the MLP reads the block's input, not the attention output), so
-layer-0 keys depend on the last subject token alone: a layer-0 edit moves every subject that
-ends in that token. C is cached in memory only: it takes seconds to estimate.
+Where the key is read (`RomeConfig.position`):
+- 'last_subject', ROME's site: k* is averaged over the prompt templates (ROME averages over
+  context prefixes), δ is added at the last subject token of every prompt and the loss adds
+  kl_factor · KL(before ‖ after) on the subject's other facts (this world's "essence" of s).
+  GPT-NeoX blocks are parallel (the MLP reads the block's input, not the attention output), so
+  layer-0 keys depend on the last subject token alone: a layer-0 edit moves every subject that
+  ends in that token.
+- 'object' (the default): where the object is predicted, the last prompt token and every
+  object token but the last, one key k_i each; they depend on subject and relation, so they
+  name the fact. One δ is added at all of them, in the edited prompt only (so there is no KL
+  term), and the update stays rank one, ΔW_out = u (v* - W_out^T k* - b_out)^T with
+  u = C⁻¹K (KᵀC⁻¹K)⁻¹ 1 (u · k_i = 1 for every key; for one key, the update above).
+The shipped models look facts up at the last prompt token (blocks 3-4, see `probe.flu_layers`),
+not at the subject, which reaches it through layer-0 attention from the embeddings: a δ at the
+last subject token often cannot make them say the new object (7 of 12 single overrides at
+layer 0, none at layers 1-4), while a δ at the object positions of block 3 always did (12 of
+12). C is cached in memory only: it takes seconds to estimate.
 """
 
 from __future__ import annotations
@@ -48,26 +59,32 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
+ROME_POSITIONS = ("object", "last_subject")
+"""Where ROME reads its key: the positions that predict the object, or the last subject token."""
+
+
 @dataclass(frozen=True)
 class RomeConfig(JsonConfig):
     """How ROME edits. kl_factor, weight_decay, clamp_norm_factor and v_stop_loss are ROME's
-    GPT-2 XL values; layer, v_lr and v_steps were measured on the shipped independent model
-    (single overrides): layer 0 is the only block whose last-subject-token MLP moves the object
-    far enough (as Behemoth section 5 finds), and its outputs there are ~250 long, so δ needs
-    larger and more steps.
+    GPT-2 XL values; layer, position, v_lr and v_steps were measured on the shipped independent
+    model (single overrides, seeds 0..11): at the object positions of block 3 every override
+    succeeds with remaining accuracy kept; at the last subject token only layer 0 moves the
+    object at all (7 of 12; its outputs there are ~250 long, so δ needs larger and more steps).
 
-    layer: the block whose MLP output weights W_out change. v_lr, v_steps, v_stop_loss: Adam
-    on δ, at most v_steps updates, stopping once the loss is below v_stop_loss. kl_factor,
-    weight_decay, clamp_norm_factor: ROME's loss weights and norm bound (see the module).
-    templates: the grammar the model was trained on; the covariance is estimated on the world's
-    tuples rendered in them, k* averaged over them and δ fit in all of them. cov_sentences:
+    layer: the block whose MLP output weights W_out change. position: where the key is read,
+    one of `ROME_POSITIONS` (see the module). v_lr, v_steps, v_stop_loss: Adam on δ, at most
+    v_steps updates, stopping once the loss is below v_stop_loss. kl_factor, weight_decay,
+    clamp_norm_factor: ROME's loss weights and norm bound (see the module; kl_factor acts at
+    'last_subject' only). templates: the grammar the model was trained on; the covariance is
+    estimated on the world's tuples rendered in them, and δ fit in all of them. cov_sentences:
     sentences drawn (with `seed`) for the covariance, None for every tuple of the world.
     cov_ridge: C + cov_ridge · mean eigenvalue · I is inverted (layer-0 keys depend on the token
     alone and span few directions). ROME's closed form does not depend on the scale of C, so
     there is no weight on it.
     """
 
-    layer: int = 0
+    layer: int = 3
+    position: str = "object"
     v_lr: float = 3.0
     v_steps: int = 200
     v_stop_loss: float = 0.05
@@ -90,6 +107,10 @@ class RomeConfig(JsonConfig):
             get_template(name)
         if self.layer < 0:
             raise ValueError(f"layer={self.layer}: blocks count from 0")
+        if self.position not in ROME_POSITIONS:
+            raise ValueError(
+                f"unknown position {self.position!r}: choose one of {', '.join(ROME_POSITIONS)}"
+            )
         if self.v_lr <= 0 or self.v_steps < 1 or self.clamp_norm_factor <= 0:
             raise ValueError(
                 f"need v_lr > 0, v_steps >= 1 and clamp_norm_factor > 0 (v_lr={self.v_lr}, "
@@ -110,16 +131,17 @@ class RomeConfig(JsonConfig):
 class RomeUpdate:
     """One applied ROME edit: W_out += outer(`left`, `delta`) in block `layer`.
 
-    `key` is k*, `value` v* (the MLP output the edited weights give k*), `left` C⁻¹k* / (k*ᵀC⁻¹k*)
-    (so left · key = 1), `delta` δ = v* - the old output; `steps` Adam updates were taken and
+    `key` is k* ([n_keys, d_mlp] at position 'object'), `value` v* (the MLP output the edited
+    weights give k*), `left` C⁻¹k* / (k*ᵀC⁻¹k*) (C⁻¹K (KᵀC⁻¹K)⁻¹ 1 for several keys, so
+    key · left = 1), `delta` δ = v* - the old output; `steps` Adam updates were taken and
     `nll` / `kl` are the final losses (nats per object token / per essence position).
     """
 
     fact: tuple[int, int, int]
     target: int
     layer: int
-    key: Float[Tensor, " d_mlp"]
-    value: Float[Tensor, " d_model"]
+    key: Float[Tensor, "*keys d_mlp"]
+    value: Float[Tensor, "*keys d_model"]
     left: Float[Tensor, " d_mlp"]
     delta: Float[Tensor, " d_model"]
     steps: int
@@ -136,7 +158,8 @@ class RomeUpdate:
         """The update's scalars (no tensors), for an edit report's settings."""
         return {"fact": list(self.fact), "target": self.target, "layer": self.layer,
                 "steps": self.steps, "nll": self.nll, "kl": self.kl,
-                "delta_norm": float(self.delta.norm()), "value_norm": float(self.value.norm()),
+                "delta_norm": float(self.delta.norm()),
+                "value_norm": float(self.value.norm(dim=-1).mean()),
                 "seconds": self.seconds}  # fmt: skip
 
 
@@ -230,7 +253,7 @@ def apply_rome(
     (forgetting's object-0 tuples) are skipped. Returns the updates in order.
     """
     _check_layer(model, config.layer)
-    if config.layer == model.cfg.n_layers - 1:
+    if config.position == "last_subject" and config.layer == model.cfg.n_layers - 1:
         raise ValueError(
             f"ROME cannot edit through the last block ({config.layer}): its MLP output at the "
             f"last subject token reaches no later position; choose a layer of "
@@ -244,8 +267,10 @@ def apply_rome(
     touched = np.concatenate([task.facts, task.dependents()[0]])
     updates = []
     for fact, target in zip(task.facts[task.changed], task.targets[task.changed]):
-        update = _fit(model, world, fact, int(target), _essence(world, int(fact[0]), touched),
-                      regularized, config)  # fmt: skip
+        # at 'object' δ reaches the edited prompt alone: the KL term has nothing to hold
+        essence = (_essence(world, int(fact[0]), touched) if config.position == "last_subject"
+                   else np.empty((0, 3), np.int64))  # fmt: skip
+        update = _fit(model, world, fact, int(target), essence, regularized, config)
         with torch.no_grad():
             model.blocks[config.layer].mlp.W_out += update.matrix
         updates.append(update)
@@ -265,7 +290,8 @@ def _essence(world: World, subject: int, touched: np.ndarray) -> np.ndarray:
 @dataclass
 class _Group:
     """Prompts of one layout (template and entity spaces) and their unedited run: rows
-    `rewrite` hold the edited fact, `mask` [pos] marks the last subject token."""
+    `rewrite` hold the edited fact, `mask` [batch, pos] marks where δ is added (the last
+    subject token of every row, or the object positions of the edited row)."""
 
     inputs: Inputs
     rewrite: Tensor
@@ -275,7 +301,7 @@ class _Group:
 
 
 def _groups(
-    world: World, tok: WorldTokenizer, facts: np.ndarray, templates, device
+    world: World, tok: WorldTokenizer, facts: np.ndarray, templates, position: str, device
 ) -> list[_Group]:
     """`facts` (row 0 the edited fact with its new object) rendered whole in every template,
     one batch per layout."""
@@ -287,8 +313,14 @@ def _groups(
             n_object = tok.n_tokens(world.object_space(int(facts[rows[0], 1])))
             inputs = build_inputs(world, tok, facts[rows], template=template,
                                   object_tokens=n_object, device=device)  # fmt: skip
-            mask = inputs.positions("last_subject")[1][0]
-            out.append(_Group(inputs, torch.as_tensor(rows == 0, device=device), mask, n_object))
+            rewrite = torch.as_tensor(rows == 0, device=device)
+            if position == "last_subject":
+                mask = inputs.positions("last_subject")[1][0].expand(len(rows), -1)
+            else:  # the positions whose next token is an object token, edited row only
+                at = torch.zeros(inputs.n_pos, dtype=torch.bool, device=device)
+                at[inputs.n_pos - n_object - 1 : inputs.n_pos - 1] = True
+                mask = rewrite[:, None] & at
+            out.append(_Group(inputs, rewrite, mask, n_object))
     return out
 
 
@@ -302,18 +334,23 @@ def _fit(
     device = next(model.parameters()).device
     edited = np.array([[fact[0], fact[1], target]], dtype=np.int64)
     groups = _groups(world, WorldTokenizer(world.config), np.concatenate([edited, essence]),
-                     config.templates, device)  # fmt: skip
+                     config.templates, config.position, device)  # fmt: skip
     sites = [Site("resid_pre", L), Site("mlp_post", L), Site("mlp_out", L)]
     for g in groups:
         g.base = capture(model, g.inputs.tokens, sites)
     with torch.no_grad():
-        keys = [g.base[sites[1]][g.rewrite][:, g.mask] for g in groups if g.rewrite.any()]
-        key = torch.cat(keys).mean((0, 1))
+        keys = [g.base[sites[1]][g.rewrite][:, g.mask[g.rewrite][0]]
+                for g in groups if g.rewrite.any()]  # fmt: skip
+        key = torch.cat(keys)  # [rows, positions, d_mlp]
+        # ROME averages the subject's key over prompts; object positions keep one key each
+        key = key.mean((0, 1)) if config.position == "last_subject" else key.flatten(0, 1)
         mlp = model.blocks[L].mlp
         value = key @ mlp.W_out + mlp.b_out
     delta, steps, terms = _optimize_delta(model, groups, value, config)
-    solved = torch.linalg.solve(regularized, key.double())
-    left = (solved / (key.double() @ solved)).float()
+    K = key.double().reshape(-1, key.shape[-1]).T  # [d_mlp, n_keys]
+    solved = torch.linalg.solve(regularized, K)
+    gram = K.T @ solved
+    left = (solved @ torch.linalg.solve(gram, torch.ones(len(gram), dtype=gram.dtype))).float()
     return RomeUpdate((int(fact[0]), int(fact[1]), int(fact[2])), target, L, key, value + delta,
                       left, delta, steps, float(terms[0]), float(terms[2]),
                       time.perf_counter() - started)  # fmt: skip
@@ -322,9 +359,10 @@ def _fit(
 def _optimize_delta(
     model: HookedTransformer, groups: list[_Group], value: Tensor, config: RomeConfig
 ) -> tuple[Float[Tensor, " d_model"], int, Tensor]:
-    """ROME's v* search: Adam on δ, added to the MLP output at the last subject token of every
-    prompt (through `hooks.patch`, resuming at block L), with its norm clamped. Returns δ, the
-    Adam steps taken and the final [NLL, kl_factor · KL, KL]."""
+    """ROME's v* search: Adam on δ, added to the MLP output where each group's mask says (the
+    last subject token of every prompt, or the edited prompt's object positions; through
+    `hooks.patch`, resuming at block L), with its norm clamped. Returns δ, the Adam steps taken
+    and the final [NLL, kl_factor · KL, KL]."""
     L = config.layer
     resid, out = Site("resid_pre", L), Site("mlp_out", L)
     # the objective's terms are means over all groups: each group's sum is divided by the totals
@@ -335,7 +373,8 @@ def _optimize_delta(
     before = [_object_logp(g.base.logits, g) for g in groups]
     delta = torch.zeros(model.cfg.d_model, device=value.device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.v_lr)
-    max_norm = config.clamp_norm_factor * value.norm()
+    scale = value.norm(dim=-1).mean()  # |v|, averaged over the keys
+    max_norm = config.clamp_norm_factor * scale
     steps = 0
     while True:
         grad = torch.zeros_like(delta)
@@ -347,9 +386,9 @@ def _optimize_delta(
                 grad_of=lambda logits, g=g, logp0=logp0: _terms(logits, g, logp0, n_nll, n_kl,
                                                                   config.kl_factor),
             )  # fmt: skip
-            grad += run.grads[out][:, g.mask].sum((0, 1))
+            grad += run.grads[out][g.mask].sum(0)
             terms += run.value
-        decay = config.weight_decay * delta.norm() / value.norm() ** 2
+        decay = config.weight_decay * delta.norm() / scale**2
         if float(terms[:2].sum() + decay.detach()) < config.v_stop_loss or steps == config.v_steps:
             return delta.detach(), steps, terms
         opt.zero_grad()

@@ -20,11 +20,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from behemoth_interp import EditTask, edit, load_hf, select_lr
+from behemoth_interp import EditTask, RomeConfig, edit, load_hf, select_lr
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "independent"
 METHODS = {
     "ROME": dict(method="rome"),
+    "ROME subject": dict(method="rome", rome=RomeConfig(layer=0, position="last_subject")),
     "LoRA 32": dict(method="lora", rank=32),
     "LoRA 64": dict(method="lora", rank=64),
     "LoRA 128": dict(method="lora", rank=128),
@@ -36,7 +37,7 @@ TASK_N = {"ten_same": 6, "ten_different": 10}
 
 
 def _time_edits(hf, world, methods: dict, repeats: int) -> None:
-    print(f"{'method':<10} {'s/edit':>8} {'min s':>8} {'params changed':>15}  (single override)")
+    print(f"{'method':<13} {'s/edit':>8} {'min s':>8} {'params changed':>15}  (single override)")
     for name, kwargs in methods.items():
         times, changed = [], 0
         for seed in range(repeats):
@@ -45,7 +46,7 @@ def _time_edits(hf, world, methods: dict, repeats: int) -> None:
             result = edit(hf, task, seed=seed, evaluate=False, **kwargs)
             times.append(time.perf_counter() - start)
             changed = result.report.params_changed
-        print(f"{name:<10} {statistics.median(times):8.2f} {min(times):8.2f} {changed:15,}")
+        print(f"{name:<13} {statistics.median(times):8.2f} {min(times):8.2f} {changed:15,}")
 
 
 def _table(hf, world, methods: dict, seeds: range, tasks: list[str]) -> pd.DataFrame:
@@ -65,7 +66,7 @@ def _table(hf, world, methods: dict, seeds: range, tasks: list[str]) -> pd.DataF
                              "success": report.success_top1, "success_top2": report.success_top2,
                              "remaining": report.remaining, "before": report.remaining_before,
                              "seconds": time.perf_counter() - start})  # fmt: skip
-                print(f"{kind:<14} {name:<9} seed {seed}: success {report.success_top1:.3f} "
+                print(f"{kind:<14} {name:<12} seed {seed}: success {report.success_top1:.3f} "
                       f"top-2 {report.success_top2:.3f} remaining {report.remaining:.4f} "
                       f"(lr {lr}, {rows[-1]['seconds']:.0f} s)", flush=True)  # fmt: skip
     return pd.DataFrame(rows)

@@ -69,3 +69,17 @@ def test_a_result_without_task_cannot_be_saved(micro_checkpoint, tmp_path):
     result.task = None
     with pytest.raises(ValueError, match="no task"):
         result.save(tmp_path / "x")
+
+
+def test_edit_command_picks_rome_site(micro_checkpoint, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "rome"
+    code, stdout, stderr = _run(monkeypatch, capsys, "edit", micro_checkpoint, "--method",
+                                "rome", "--rome-position", "last_subject", "--blocks", "0",
+                                "--max-remaining", "20", "--out", out)  # fmt: skip
+    assert code == 0, stderr
+    settings = EditReport.load(out / EDIT_REPORT).settings
+    assert settings["rome"]["position"] == "last_subject" and settings["blocks"] == [0]
+    code, _, stderr = _run(monkeypatch, capsys, "edit", micro_checkpoint, "--rome-position",
+                           "object", "--out", tmp_path / "bad")  # fmt: skip
+    assert code == 2 and "--rome-position is for --method rome, not finetune" in stderr
+    assert not (tmp_path / "bad").exists()
