@@ -238,7 +238,11 @@ def _feeds_keys(name: str, layer: int) -> bool:
 def _check_layer(model: HookedTransformer, layer: int) -> None:
     n = model.cfg.n_layers
     if not 0 <= layer < n:
-        raise ValueError(f"ROME layer {layer} is not in this model: it has blocks 0..{n - 1}")
+        raise ValueError(
+            f"ROME layer {layer} is not in this model: it has blocks 0..{n - 1}. Pass "
+            "rome=RomeConfig(layer=...) or blocks=[...]; at position 'object' the shipped "
+            "models edit best at block 3, where probes start to decode the object (bi.flu_layers)"
+        )
 
 
 # ============================================================================ editing
