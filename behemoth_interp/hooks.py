@@ -316,10 +316,9 @@ def capture(
             for layer in range(start_layer, model.cfg.n_layers)
             for x in "kv"
         ]
-    # the last block can serve the last position alone when no hook there needs the others
-    hooked_last = keep_kv or any(name.startswith(f"blocks.{model.cfg.n_layers - 1}.")
-                                 for name, _ in hooks)  # fmt: skip
-    lean = last_only and not hooked_last
+    # the last block can serve the last position alone when no site or patch there needs more
+    touched = [*chosen, *(p.site for p in patches)]
+    lean = last_only and not keep_kv and all(s.layer < model.cfg.n_layers - 1 for s in touched)
     run = partial(_forward, model, tokens, start_layer, resid, lean, last_only, start_pos, cache)
     if grad_of is None:
         with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
@@ -338,6 +337,18 @@ def capture(
         },
         value.detach(),
     )
+
+
+STREAM_PARTS = ("resid_pre", "attn_out", "mlp_out")
+"""The sites whose sum is the residual stream leaving a block."""
+
+
+def stream_after(acts: Capture | Mapping[Site, Tensor], layer: int) -> Tensor:
+    """The residual stream leaving block `layer` (TransformerLens' hook_resid_post), from the
+    captured `STREAM_PARTS` of that block: the stream entering it plus what attention and the
+    MLP add, whether the block is parallel or sequential."""
+    entering, attn, mlp = (acts[Site(kind, layer)] for kind in STREAM_PARTS)
+    return entering + attn + mlp
 
 
 def patch(

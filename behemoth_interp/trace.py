@@ -31,6 +31,7 @@ from behemoth_interp._io import JsonConfig, read_tensor_dir, write_tensor_dir
 from behemoth_interp.grammar import get_template
 from behemoth_interp.hooks import (
     SITE_KINDS,
+    STREAM_PARTS,
     Capture,
     Inputs,
     Patch,
@@ -38,6 +39,7 @@ from behemoth_interp.hooks import (
     build_inputs,
     capture,
     patch,
+    stream_after,
 )
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
@@ -477,10 +479,7 @@ def trace(
     streams = [Site("resid_pre", layer) for layer in range(model.cfg.n_layers)]
     grad_of = run.value if method == "attribution" else None
     if method == "exact":  # the stream after the last block, for rows that resume there
-        streams += [
-            Site("attn_out", model.cfg.n_layers - 1),
-            Site("mlp_out", model.cfg.n_layers - 1),
-        ]
+        streams += [Site(kind, model.cfg.n_layers - 1) for kind in STREAM_PARTS]
     corrupt = capture(model, run.corrupted, [*all_sites, *streams], patches=noised, grad_of=grad_of,
                       keep_kv=method == "exact")  # fmt: skip
     v_corrupt = run.value(corrupt.logits)
@@ -605,10 +604,9 @@ def _exact(
     adds = torch.as_tensor([k != "resid_pre" for k in kinds], device=todo.device)
     resume = todo[:, 1] + adds[todo[:, 0]]  # the block each row resumes at
     first = groups.int().argmax(1)[todo[:, 3]]  # the group's first position
-    last = Site("resid_pre", n_layers - 1)
     streams = [corrupt[Site("resid_pre", layer)] for layer in range(n_layers)]
-    streams.append(corrupt[last] + corrupt[Site("attn_out", last.layer)]
-                   + corrupt[Site("mlp_out", last.layer)])  # fmt: skip
+    streams.append(stream_after(corrupt, n_layers - 1))
+    written: dict[Site, Tensor] = {}  # per tuple (and head), not per row: rows share them
     for block, start in torch.stack([resume, first], 1).unique(dim=0).tolist():
         for chunk in todo[(resume == block) & (first == start)].split(batch_size):
             kind_i, layer, t, g, h = chunk.unbind(1)
@@ -619,9 +617,13 @@ def _exact(
                 site = Site(kinds[ki], block - int(adds[ki]))
                 if kinds[ki] == "resid_pre":
                     resid[rows] = torch.where(mask[..., None], clean[site][t[rows]], resid[rows])
-                else:
-                    added = _written(model, site, clean[site] - corrupt[site], t[rows], h[rows])
-                    resid[rows] += added * mask[..., None]
+                    continue
+                if site not in written:
+                    written[site] = _written(model, site, clean[site] - corrupt[site])
+                added = (
+                    written[site][t[rows], :, h[rows]] if site.has_heads else written[site][t[rows]]
+                )
+                resid[rows] += added * mask[..., None]
             kv = [(k[t], v[t]) for k, v in corrupt.kv]
             logits = patch(model, run.corrupted[t], [], start_layer=block, resid=resid,
                            last_only=True, start_pos=start, kv=kv)  # fmt: skip
@@ -634,14 +636,14 @@ def _exact(
     return scores
 
 
-def _written(model, site: Site, diff: Tensor, t: Tensor, h: Tensor) -> Float[Tensor, "row pos d"]:
+def _written(model, site: Site, diff: Tensor) -> Float[Tensor, "tuple pos *head d_model"]:
     """What the difference `diff` of a site's activations [tuple, pos, ...] adds to the
-    residual stream, for the rows' tuples `t` (and heads `h`)."""
+    residual stream: through W_out for coefficients, through each head's W_O for heads."""
     if site.kind == "mlp_post":
-        return diff[t] @ model.blocks[site.layer].mlp.W_out
+        return diff @ model.blocks[site.layer].mlp.W_out
     if site.kind == "head":
-        return torch.einsum("rpe,red->rpd", diff[t, :, h], model.blocks[site.layer].attn.W_O[h])
-    return diff[t]
+        return torch.einsum("tphe,hed->tphd", diff, model.blocks[site.layer].attn.W_O)
+    return diff
 
 
 def _attribution(clean: Capture, corrupt: Capture, groups, kinds, scale) -> dict[str, Tensor]:
