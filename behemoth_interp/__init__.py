@@ -31,7 +31,14 @@ from behemoth_interp.hooks import (
     resolve_sites,
     swap_params,
 )
-from behemoth_interp.model import PRESETS, ModelConfig, load_hf, load_model, to_hooked
+from behemoth_interp.model import (
+    PRESETS,
+    ModelConfig,
+    hooked_in_world,
+    load_hf,
+    load_model,
+    to_hooked,
+)
 from behemoth_interp.probe import (
     LatentKnowledge,
     Localization,
@@ -86,6 +93,7 @@ __all__ = [
     "load_hf",
     "load_model",
     "to_hooked",
+    "hooked_in_world",
     "train",
     "PARAPHRASES",
     "ROLES",

@@ -31,6 +31,7 @@ from transformers import GPTNeoXForCausalLM
 from behemoth_interp._io import JsonConfig, read_json, write_dir, write_json
 from behemoth_interp.evaluate import FactAccuracy, evaluate_facts
 from behemoth_interp.grammar import OBJECT, PARAPHRASES, get_template, render
+from behemoth_interp.model import hooked_in_world, load_hf, write_checkpoint
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
 
@@ -446,8 +447,6 @@ def _selection(hf, blocks, components) -> tuple[list[int], tuple[str, ...]]:
 
 def _resolve(model_or_checkpoint, task: EditTask) -> GPTNeoXForCausalLM:
     if isinstance(model_or_checkpoint, str | Path):
-        from behemoth_interp.model import load_hf
-
         hf, world, _ = load_hf(model_or_checkpoint)
         if world != task.world:
             raise ValueError(
@@ -592,8 +591,6 @@ class EditResult:
     def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
         """Write the edited model as a checkpoint directory (`load_model` and `load_hf` read it,
         so every analysis runs on it) with `edit_report.json` and `edit_task.json`; atomic."""
-        from behemoth_interp.model import write_checkpoint
-
         if self.task is None:
             raise ValueError("this result has no task: build it with edit(), which records one")
 
@@ -693,7 +690,7 @@ def edit(
     if method == "lora":
         settings.update(rank=rank, alpha=float(rank if alpha is None else alpha))
     report = _report(after, task, before, settings, evaluate, max_remaining, seed)
-    return EditResult(after, report, _twin(after, task.world) if hooked else None, task)
+    return EditResult(after, report, hooked_in_world(after, task.world) if hooked else None, task)
 
 
 def _report(after, task: EditTask, before, settings: dict[str, Any], evaluate: bool,
@@ -734,7 +731,7 @@ def _rome(before, task: EditTask, blocks, components, config: RomeConfig | None,
         )
     started = time.perf_counter()
     after = copy.deepcopy(before)
-    twin = _twin(after, task.world)
+    twin = hooked_in_world(after, task.world)
     updates = apply_rome(twin, task, config)
     weight = after.gpt_neox.layers[config.layer].mlp.dense_4h_to_h.weight
     with torch.no_grad():
@@ -746,15 +743,6 @@ def _rome(before, task: EditTask, blocks, components, config: RomeConfig | None,
                 "seconds": time.perf_counter() - started}  # fmt: skip
     report = _report(after, task, before, settings, evaluate, max_remaining, seed)
     return EditResult(after, report, twin if hooked else None, task)
-
-
-def _twin(hf: GPTNeoXForCausalLM, world: World):
-    """The HookedTransformer of an edited HF model, with its world attached like `load_model`."""
-    from behemoth_interp.model import to_hooked
-
-    twin = to_hooked(hf, WorldTokenizer(world.config), next(hf.parameters()).device)
-    twin.world = world
-    return twin
 
 
 # ============================================================================ evaluation
@@ -977,5 +965,5 @@ def select_lr(
     chosen.report = evaluate_edit(chosen.model, task, before=before, settings=chosen.report.settings,
                                   max_remaining=max_remaining, seed=edit_kwargs.get("seed", 0))  # fmt: skip
     if hooked:
-        chosen.hooked = _twin(chosen.model, w)
+        chosen.hooked = hooked_in_world(chosen.model, w)
     return LrSearch(lrs, success, remaining, lrs[best], chosen)

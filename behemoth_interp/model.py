@@ -231,8 +231,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> HookedTr
 
     The world is available as `model.world` and the token layout as `model.world_tokenizer`.
     """
-    hf, world, tokenizer = load_hf(path)
-    model = to_hooked(hf, tokenizer, device)
-    model.world = world
+    hf, world, _ = load_hf(path)
+    model = hooked_in_world(hf, world, device)
     model.checkpoint = Path(path)
+    return model
+
+
+def hooked_in_world(
+    hf: GPTNeoXForCausalLM, world: World, device: str | torch.device | None = None
+) -> HookedTransformer:
+    """`hf` as a HookedTransformer with `world` attached (`model.world`, and its tokenizer), as
+    `load_model` gives it; on `hf`'s device unless `device` says otherwise."""
+    device = next(hf.parameters()).device if device is None else device
+    model = to_hooked(hf, WorldTokenizer(world.config), device)
+    model.world = world
     return model

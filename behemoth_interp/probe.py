@@ -24,9 +24,18 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from behemoth_interp._io import JsonConfig, read_json, write_dir, write_json
+from behemoth_interp._io import JsonConfig, read_tensor_dir, write_tensor_dir
 from behemoth_interp.grammar import get_template
-from behemoth_interp.hooks import SITE_KINDS, Inputs, Site, build_inputs, capture
+from behemoth_interp.hooks import (
+    SITE_KINDS,
+    STREAM_PARTS,
+    Inputs,
+    Site,
+    build_inputs,
+    capture,
+    stream_after,
+)
+from behemoth_interp.model import hooked_in_world
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.trace import _object_digits, _token_index, _world_of, check_tuples
 from behemoth_interp.world import World
@@ -196,10 +205,8 @@ class ProbeResult:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write `probe.json` (config, accuracies) and `probes.safetensors` into directory `path`."""
-        from safetensors.torch import save_file
-
-        tensors = {f"weights/{s}": w.contiguous() for s, w in self.weights.items()}
-        tensors.update({f"bias/{s}": b.contiguous() for s, b in self.bias.items()})
+        tensors = {f"weights/{s}": w for s, w in self.weights.items()}
+        tensors.update({f"bias/{s}": b for s, b in self.bias.items()})
         tensors.update(
             {f"predictions/{s}": torch.as_tensor(p) for s, p in self.predictions.items()}
         )
@@ -209,22 +216,14 @@ class ProbeResult:
                 "relation_name": self.relation_name, "chance": self.chance,
                 "accuracy": {s: a.tolist() for s, a in self.accuracy.items()},
                 "train_accuracy": {s: a.tolist() for s, a in self.train_accuracy.items()}}  # fmt: skip
-
-        def fill(tmp: Path) -> None:
-            save_file(tensors, str(tmp / "probes.safetensors"))
-            write_json(tmp / "probe.json", meta)
-
-        return write_dir(path, fill, overwrite=overwrite)
+        return write_tensor_dir(path, ("probe.json", meta), ("probes.safetensors", tensors),
+                                overwrite=overwrite)  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path) -> ProbeResult:
         """Read probes written by `save`."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        meta = read_json(path / "probe.json", what="probe description (probe.json)",
-                         format=PROBE_FORMAT)  # fmt: skip
-        t = load_file(str(path / "probes.safetensors"))
+        meta, t = read_tensor_dir(path, "probe.json", "probes.safetensors",
+                                  what="probe description", format=PROBE_FORMAT)  # fmt: skip
         sites = list(meta["accuracy"])
         return cls(
             config=ProbeConfig.from_dict(meta["config"]), relation_name=meta["relation_name"],
@@ -353,17 +352,16 @@ def _features(
                           device=device)  # fmt: skip
     pos = _position(inputs, config.position)
     kinds = {k for k in config.sites if k != "resid"}
-    if "resid" in config.sites:  # the stream after the last block is resid_pre + attn + mlp
-        kinds |= {"resid_pre", f"attn_out.{n_layers - 1}", f"mlp_out.{n_layers - 1}"}
+    if "resid" in config.sites:  # every block's input, and the stream after the last one
+        kinds |= {"resid_pre", *(f"{kind}.{n_layers - 1}" for kind in STREAM_PARTS[1:])}
     chunks: dict[str, list[Tensor]] = {s: [] for s in config.sites}
     for start in range(0, len(facts), batch_size):
         cap = capture(model, inputs.tokens[start : start + batch_size], sorted(kinds))
         at = {s: a[:, pos].flatten(1) for s, a in cap.acts.items()}
         for kind in config.sites:
             if kind == "resid":
-                last = n_layers - 1
                 streams = [at[Site("resid_pre", layer)] for layer in range(n_layers)]
-                streams.append(streams[-1] + at[Site("attn_out", last)] + at[Site("mlp_out", last)])
+                streams.append(stream_after(at, n_layers - 1))
             else:
                 streams = [at[Site(kind, layer)] for layer in range(n_layers)]
             chunks[kind].append(torch.stack(streams))
@@ -383,9 +381,8 @@ def _fit(
     clf = OneVsRestClassifier(lr) if config.multiclass == "ovr" else lr
     clf.fit(scaler.transform(x[train]), labels[train])
     w, b = _linear(clf)
-    return w / scaler.scale_, b - (w * scaler.mean_ / scaler.scale_).sum(
-        1
-    )  # standardization folded in
+    w = w / scaler.scale_  # standardization folded in
+    return w, b - w @ scaler.mean_
 
 
 def _linear(clf) -> tuple[np.ndarray, np.ndarray]:
@@ -395,9 +392,7 @@ def _linear(clf) -> tuple[np.ndarray, np.ndarray]:
         b = np.concatenate([e.intercept_ for e in clf.estimators_])
     else:
         w, b = clf.coef_, clf.intercept_
-    if (
-        len(clf.classes_) == 2 and len(w) == 1
-    ):  # a binary problem has one score: class 1 iff it is > 0
+    if len(clf.classes_) == 2 and len(w) == 1:  # one score for two classes: class 1 iff > 0
         w, b = np.concatenate([np.zeros_like(w), w]), np.concatenate([np.zeros_like(b), b])
     return w.astype(np.float64), b.astype(np.float64)
 
@@ -543,8 +538,6 @@ def latent_knowledge(probes: ProbeResult, model, task: EditTask) -> LatentKnowle
     """
     from transformers import GPTNeoXForCausalLM
 
-    from behemoth_interp.model import to_hooked
-
     c, world = probes.config, task.world
     if task.relation != c.relation:
         raise ValueError(
@@ -556,7 +549,7 @@ def latent_knowledge(probes: ProbeResult, model, task: EditTask) -> LatentKnowle
     ):
         raise ValueError("the probes were fitted on another world than the task's")
     if isinstance(model, GPTNeoXForCausalLM):
-        model = to_hooked(model, WorldTokenizer(world.config), next(model.parameters()).device)
+        model = hooked_in_world(model, world)
     tokenizer = WorldTokenizer(world.config)
     old = _object_digits(world, tokenizer, task.facts)
     new = _object_digits(world, tokenizer, task.edited)
