@@ -209,6 +209,14 @@ def demo(
     typer.echo(f"\nheatmaps: {out.resolve()}")
 
 
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an occupied --out directory before any work is done (a .html file is replaced)."""
+    from behemoth_interp._io import check_writable
+
+    if out.suffix != ".html":
+        check_writable(out, overwrite=force)
+
+
 def write_result(result, out: Path, html: Optional[Path], force: bool) -> None:
     """An analysis result to `out`: its plot if `out` ends in .html, else the saved result
     (and then the plot to `html`, if given)."""
@@ -261,6 +269,7 @@ def trace_cmd(
     from behemoth_interp.model import load_model
     from behemoth_interp.trace import sample_tuples, trace
 
+    check_out(out, force)
     model = load_model(model_dir)
     chosen = [int(r) for r in relations.split(",")] if relations else None
     tuples = sample_tuples(
@@ -310,11 +319,11 @@ def edit_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
 ) -> None:
     """Edit a checkpoint with one of the paper's tasks; save the edited checkpoint and report."""
-    from behemoth_interp._io import atomic_path, check_writable
+    from behemoth_interp._io import atomic_path
     from behemoth_interp.edit import EditDataConfig, EditTask, edit
     from behemoth_interp.rome import RomeConfig
 
-    check_writable(out, overwrite=force)
+    check_out(out, force)
     hf, world, _ = load_hf(model_dir)
     drawn = EditTask.draw(world, task, seed=seed, relation=relation, n=n, correct=hf)
     chosen = [int(b) for b in blocks.split(",")] if blocks else None
@@ -371,18 +380,18 @@ def restore_cmd(
     """Knowledge Recovery Scores: restore the vanilla model's MLP coefficients, value vectors
     and attention outputs into an edited model, window by window (Dissecting, Figure 1)."""
     from behemoth_interp.edit import EditDataConfig, EditTask, edit
-    from behemoth_interp.model import load_model
+    from behemoth_interp.model import hooked_in_world, load_model
     from behemoth_interp.restore import restore
 
     if (edited_dir is None) == (task is None):
         raise ValueError("give the edited checkpoint EDITED_DIR or an edit to make with --task")
-    vanilla = load_model(vanilla_dir)
-    world = vanilla.world
+    check_out(out, force)
+    hf, world, _ = load_hf(vanilla_dir)
+    vanilla = hooked_in_world(hf, world)
     if task is None:
         edited = load_model(edited_dir)
         prompts = world.facts(relation)
     else:
-        hf = load_hf(vanilla_dir)[0]
         drawn = EditTask.draw(world, task, seed=seed, relation=relation, correct=hf)
         result = edit(hf, drawn, objective=objective, epochs=epochs, steps=steps, lr=lr,
                       data=EditDataConfig(forget_fraction=forget_fraction), seed=seed,
@@ -427,6 +436,7 @@ def probe_cmd(
     from behemoth_interp.model import load_model
     from behemoth_interp.probe import flu_layers, probe
 
+    check_out(out, force)
     model = load_model(model_dir)
     pos = int(position) if position.lstrip("-").isdigit() else position
     result = probe(model, relation, sites=tuple(s.strip() for s in sites.split(",")),

@@ -288,3 +288,17 @@ def test_cli_probe(micro_checkpoint, tmp_path, monkeypatch, capsys):
     assert (
         capsys.readouterr().err == "error: relation 9 is not in this world: it has relations 0..1\n"
     )
+
+
+def test_cli_refuses_an_occupied_out_before_probing(micro_checkpoint, tmp_path, monkeypatch):
+    saved = tmp_path / "probes"
+    saved.mkdir()
+    (saved / "keep.txt").write_text("not ours")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("probed before checking --out")
+
+    monkeypatch.setattr(importlib.import_module("behemoth_interp.probe"), "probe", fail)
+    again = CliRunner().invoke(app, ["probe", str(micro_checkpoint), "--out", str(saved)])
+    assert isinstance(again.exception, FileExistsError), again.output
+    assert (saved / "keep.txt").read_text() == "not ours"
