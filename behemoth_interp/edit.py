@@ -424,11 +424,16 @@ def lora_modules(
     return [f"gpt_neox.layers.{b}.{m}" for b in blocks for c in comps for m in _LORA_MODULES[c]]
 
 
+def _block_list(blocks) -> list[int]:
+    """Block indices from a list, an array or a `Localization`: sorted, each once."""
+    return sorted({int(b) for b in np.atleast_1d(np.asarray(list(blocks), dtype=np.int64))})
+
+
 def _selection(hf, blocks, components) -> tuple[list[int], tuple[str, ...]]:
     n = hf.config.num_hidden_layers
     if blocks is None:
         blocks = range(n)
-    blocks = sorted({int(b) for b in np.atleast_1d(np.asarray(list(blocks), dtype=np.int64))})
+    blocks = _block_list(blocks)
     if not blocks:
         raise ValueError(
             f"the block set is empty: name at least one block of 0..{n - 1}, or None for all"
@@ -711,7 +716,7 @@ def _rome(before, task: EditTask, blocks, components, config: RomeConfig | None,
     before = _resolve(before, task)
     n = before.config.num_hidden_layers
     if blocks is not None:
-        blocks = [int(b) for b in np.atleast_1d(np.asarray(list(blocks), dtype=np.int64))]
+        blocks = _block_list(blocks)
         if len(blocks) != 1:
             raise ValueError(
                 f"ROME edits the MLP of exactly one block, got blocks={blocks}: pass one block "
