@@ -1,19 +1,34 @@
 # `make demo` runs the main job on a shipped default; `make test` runs the test suite.
-# Both create .venv on first use (torch 2.13.0 CPU first, then the project with its dev extras).
+# Both create .venv on first use from the lock (requirements.lock: torch 2.13.0 CPU first, then
+# the project with its dev extras, every package at its locked version). `make lock` refreshes the
+# lock on purpose: it resolves pyproject.toml's ranges anew in a scratch venv and freezes it.
 PYTHON ?= python3
+PIP_VERSION := 26.3
+LOCK := requirements.lock
 VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q pip==$(PIP_VERSION)
+	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0
+	$(BIN)/pip install -q -c $(LOCK) -e ".[dev,docs]"
 	touch $@
 
-.PHONY: install demo test lint bench
+.PHONY: install lock demo test lint bench
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q pip==$(PIP_VERSION)
+	.lock-venv/bin/pip install -q torch==2.13.0
+	.lock-venv/bin/pip install -q ".[dev,docs]"
+	{ echo "# make lock: every package of '.[dev,docs]' at the version resolved on $$(date -u +%F)"; \
+	  .lock-venv/bin/pip freeze --exclude-editable | grep -v '^behemoth-interp' | sed 's/+cpu$$//'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
+
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
