@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -9,6 +12,7 @@ import numpy as np
 import typer
 
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
+from behemoth_interp.errors import BehemothError, InvalidArgument
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import TEMPLATES, render
 from behemoth_interp.model import load_hf
@@ -47,13 +51,14 @@ def world_new(
         n_relations=relations,
         n_objects=objects,
         n_nested_objects=nested_objects,
-        correlated=tuple(int(x) for x in correlated.split(",")),  # type: ignore[arg-type]
+        correlated=tuple(parse_ints(correlated, "--correlated")),  # type: ignore[arg-type]
         subject_tokens=subject_tokens,
         object_tokens=object_tokens,
         seed=seed,
     )
     corpus = CorpusConfig(CorpusConfig.parse_mix(grammar), copies, block_len, seed=seed)
-    world, _, packed = build_world(config, corpus, out, overwrite=force)
+    with claim(out, force):
+        world, _, packed = build_world(config, corpus, out, overwrite=force)
     typer.echo(f"wrote {world!r} and a corpus of {packed.n_blocks} blocks to {out}")
 
 
@@ -122,18 +127,26 @@ def train_cmd(
     no_optimizer: bool = typer.Option(
         False, "--no-optimizer", help="Do not keep optimizer state at the end."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace a checkpoint in --out (never another kind of folder)."
+    ),
 ) -> None:
     """Train a model on a world's corpus and write a checkpoint."""
     import sys
 
+    if resume and force:
+        raise InvalidArgument(
+            "--resume continues the run in --out and --force replaces it: pick one"
+        )
     config = TrainConfig(
         preset=preset, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-        epochs=epochs or (None if steps else 10), steps=steps,
+        epochs=epochs if epochs is not None or steps is not None else 10, steps=steps,
         warmup_steps=warmup, warm_steps=warm_steps, warm_fraction=warm_fraction, schedule=schedule, min_lr_ratio=min_lr_ratio, loss_on=loss_on, seed=seed,  # type: ignore[arg-type]
         eval_every=eval_every, save_every=save_every, save_optimizer=not no_optimizer,
     )  # fmt: skip
     command = "behemoth-interp " + " ".join(sys.argv[1:])
-    log = train(world_dir, out, config, device=device, resume=resume, command=command)
+    log = train(world_dir, out, config, device=device, resume=resume, overwrite=force,
+                command=command)  # fmt: skip
     typer.echo(f"wrote {out} after {log['step']} steps in {log['wall_seconds']:.0f} s")
     typer.echo(format_accuracy(log["final"]))
 
@@ -192,43 +205,77 @@ def demo(
     n: int = typer.Option(24, help="Tuples of relation 0 to trace."),
 ) -> None:
     """The main job on a shipped default model: its fact accuracy, then causal tracing."""
-    from behemoth_interp._io import atomic_path
     from behemoth_interp.model import load_model
     from behemoth_interp.trace import sample_tuples, trace
 
     path = SHIPPED / model
-    hooked = load_model(path)
-    typer.echo(f"{path}: {hooked.world!r}")
-    acc = evaluate_facts(hooked, hooked.world, hooked.world_tokenizer)
-    typer.echo(format_accuracy(acc.summary()))
-    result = trace(hooked, sample_tuples(hooked.world, n, relations=[0], seed=0))
-    with atomic_path(out) as tmp:
-        result.heatmap().write_html(str(tmp))
+    # the demo's page is regenerated on every run: it replaces a page it wrote, never another file
+    with claim(out, force=True):
+        hooked = load_model(path)
+        typer.echo(f"{path}: {hooked.world!r}")
+        acc = evaluate_facts(hooked, hooked.world, hooked.world_tokenizer)
+        typer.echo(format_accuracy(acc.summary()))
+        result = trace(hooked, sample_tuples(hooked.world, n, relations=[0], seed=0))
+        write_html(result.heatmap(), out)
     typer.echo(f"\ncausal tracing of {n} tuples of relation r0 (IOI metric, Behemoth eq. 1):")
     typer.echo(result.top(10).to_string(index=False))
     typer.echo(f"\nheatmaps: {out.resolve()}")
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an occupied --out directory before any work is done (a .html file is replaced)."""
-    from behemoth_interp._io import check_writable
+REPORT_MARK = "<!-- written by behemoth-interp -->"
 
-    if out.suffix != ".html":
-        check_writable(out, overwrite=force)
+
+def is_report(path: Path) -> bool:
+    """Whether the file at `path` is an HTML page this program wrote (which --force replaces)."""
+    with open(path, "rb") as f:
+        return f.read(len(REPORT_MARK)) == REPORT_MARK.encode()
+
+
+def write_html(figure, path: Path) -> None:
+    """A plotly figure as a standalone HTML page, marked as ours, written atomically."""
+    from behemoth_interp._io import write_bytes
+
+    write_bytes(path, (REPORT_MARK + "\n" + figure.to_html(include_plotlyjs=True)).encode())
+
+
+@contextmanager
+def claim(out: Path, force: bool, html: Optional[Path] = None) -> Iterator[None]:
+    """Check --out (a directory, or a .html page) and --html before any work, and hold their
+    locks until the command has written them: a second process writing the same path is
+    refused, and a bad path fails now, not after a long run."""
+    from behemoth_interp._io import check_output, output_lock
+
+    paths = [("--out", out), *([("--html", html)] if html is not None else [])]
+    with ExitStack() as stack:
+        for option, path in paths:
+            page = path.suffix == ".html"
+            check = partial(check_output, path, overwrite=force, directory=not page, what=option,
+                            **({"replaceable": is_report} if page else {}))  # fmt: skip
+            check()  # before the lock, which creates the parent directories
+            stack.enter_context(output_lock(path))
+            check()  # and again under it: another writer may have finished meanwhile
+        yield
+
+
+def parse_ints(text: str, option: str) -> list[int]:
+    """'0,2' -> [0, 2], or a one-line error naming the option."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise InvalidArgument(
+            f"{option} takes integers separated by commas (e.g. '0,2'), got {text!r}"
+        ) from None
 
 
 def write_result(result, out: Path, html: Optional[Path], force: bool) -> None:
     """An analysis result to `out`: its plot if `out` ends in .html, else the saved result
     (and then the plot to `html`, if given)."""
-    from behemoth_interp._io import atomic_path
-
     if out.suffix == ".html":
         html = out
     else:
         result.save(out, overwrite=force)
     if html is not None:
-        with atomic_path(html) as tmp:
-            result.plot().write_html(str(tmp))
+        write_html(result.plot(), html)
     typer.echo(f"wrote {result!r} to {out}")
 
 
@@ -269,19 +316,21 @@ def trace_cmd(
     from behemoth_interp.model import load_model
     from behemoth_interp.trace import sample_tuples, trace
 
-    check_out(out, force)
-    model = load_model(model_dir)
-    chosen = [int(r) for r in relations.split(",")] if relations else None
-    tuples = sample_tuples(
-        model.world, per_relation, relations=chosen, object_token=object_token, seed=seed
-    )
-    pos = [int(p) if p.strip().lstrip("-").isdigit() else p.strip() for p in positions.split(",")]
-    result = trace(model, tuples, sites=tuple(s.strip() for s in sites.split(",")), positions=tuple(pos),
-                   corruption=corruption, metric=metric, method=method, object_token=object_token,  # type: ignore[arg-type]
-                   seed=seed)  # fmt: skip
-    write_result(result, out, html, force)
-    typer.echo("top 10 by mean score:")
-    typer.echo(result.top(10).to_string(index=False))
+    with claim(out, force, html):
+        model = load_model(model_dir)
+        chosen = parse_ints(relations, "--relation") if relations else None
+        tuples = sample_tuples(
+            model.world, per_relation, relations=chosen, object_token=object_token, seed=seed
+        )
+        pos = [
+            int(p) if p.strip().lstrip("-").isdigit() else p.strip() for p in positions.split(",")
+        ]
+        result = trace(model, tuples, sites=tuple(s.strip() for s in sites.split(",")), positions=tuple(pos),
+                       corruption=corruption, metric=metric, method=method, object_token=object_token,  # type: ignore[arg-type]
+                       seed=seed)  # fmt: skip
+        write_result(result, out, html, force)
+        typer.echo("top 10 by mean score:")
+        typer.echo(result.top(10).to_string(index=False))
 
 
 @app.command("edit")
@@ -319,29 +368,29 @@ def edit_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
 ) -> None:
     """Edit a checkpoint with one of the paper's tasks; save the edited checkpoint and report."""
-    from behemoth_interp._io import atomic_path
     from behemoth_interp.edit import EditDataConfig, EditTask, edit
     from behemoth_interp.rome import RomeConfig
 
-    check_out(out, force)
-    hf, world, _ = load_hf(model_dir)
-    drawn = EditTask.draw(world, task, seed=seed, relation=relation, n=n, correct=hf)
-    chosen = [int(b) for b in blocks.split(",")] if blocks else None
-    rome = None
-    if rome_position is not None:
-        if method != "rome":
-            raise ValueError(f"--rome-position is for --method rome, not {method}: leave it out")
-        rome = RomeConfig(position=rome_position, **({"layer": chosen[0]} if chosen else {}))
-    result = edit(hf, drawn, method=method, blocks=chosen, components=components, rank=rank,
-                  rome=rome, lr=lr, steps=steps, epochs=epochs, objective=objective, seed=seed,
-                  data=EditDataConfig(forget_fraction=forget_fraction),
-                  max_remaining=max_remaining)  # fmt: skip
-    result.save(out, overwrite=force)
-    if html is not None:
-        with atomic_path(html) as tmp:
-            result.report.plot().write_html(str(tmp))
-    typer.echo(f"{drawn!r} by {method}: wrote the edited checkpoint to {out}")
-    typer.echo(result.report.to_dataframe()[["metric", "value"]].to_string(index=False))
+    with claim(out, force, html):
+        hf, world, _ = load_hf(model_dir)
+        drawn = EditTask.draw(world, task, seed=seed, relation=relation, n=n, correct=hf)
+        chosen = parse_ints(blocks, "--blocks") if blocks else None
+        rome = None
+        if rome_position is not None:
+            if method != "rome":
+                raise InvalidArgument(
+                    f"--rome-position is for --method rome, not {method}: leave it out"
+                )
+            rome = RomeConfig(position=rome_position, **({"layer": chosen[0]} if chosen else {}))
+        result = edit(hf, drawn, method=method, blocks=chosen, components=components, rank=rank,
+                      rome=rome, lr=lr, steps=steps, epochs=epochs, objective=objective, seed=seed,
+                      data=EditDataConfig(forget_fraction=forget_fraction),
+                      max_remaining=max_remaining)  # fmt: skip
+        result.save(out, overwrite=force)
+        if html is not None:
+            write_html(result.report.plot(), html)
+        typer.echo(f"{drawn!r} by {method}: wrote the edited checkpoint to {out}")
+        typer.echo(result.report.to_dataframe()[["metric", "value"]].to_string(index=False))
 
 
 @app.command("restore")
@@ -384,30 +433,32 @@ def restore_cmd(
     from behemoth_interp.restore import restore
 
     if (edited_dir is None) == (task is None):
-        raise ValueError("give the edited checkpoint EDITED_DIR or an edit to make with --task")
-    check_out(out, force)
-    hf, world, _ = load_hf(vanilla_dir)
-    vanilla = hooked_in_world(hf, world)
-    if task is None:
-        edited = load_model(edited_dir)
-        prompts = world.facts(relation)
-    else:
-        drawn = EditTask.draw(world, task, seed=seed, relation=relation, correct=hf)
-        result = edit(hf, drawn, objective=objective, epochs=epochs, steps=steps, lr=lr,
-                      data=EditDataConfig(forget_fraction=forget_fraction), seed=seed,
-                      hooked=True, max_remaining=2000)  # fmt: skip
-        r = result.report
-        typer.echo(f"edit {drawn!r}: forget rate {r.forget_rate:.3f}, success {r.success_top1:.3f}"
-                   f", remaining {r.remaining:.3f} (before {r.remaining_before:.3f})")  # fmt: skip
-        edited, prompts = result.hooked, drawn
-    krs = restore(vanilla, edited, prompts, settings=tuple(settings.split(",")),
-                  windows=tuple(int(w) for w in windows.split(",")), n_tokens=tokens,
-                  n_prompts=n, seed=seed)  # fmt: skip
-    write_result(krs, out, html, force)
-    table = krs.to_dataframe().pivot_table(index=["window", "setting"], columns="layer",
-                                           values="krs", sort=False)  # fmt: skip
-    typer.echo("mean KRS per window centre (layer):")
-    typer.echo(table.round(3).to_string())
+        raise InvalidArgument(
+            "give the edited checkpoint EDITED_DIR or an edit to make with --task"
+        )
+    with claim(out, force, html):
+        hf, world, _ = load_hf(vanilla_dir)
+        vanilla = hooked_in_world(hf, world)
+        if task is None:
+            edited = load_model(edited_dir)
+            prompts = world.facts(relation)
+        else:
+            drawn = EditTask.draw(world, task, seed=seed, relation=relation, correct=hf)
+            result = edit(hf, drawn, objective=objective, epochs=epochs, steps=steps, lr=lr,
+                          data=EditDataConfig(forget_fraction=forget_fraction), seed=seed,
+                          hooked=True, max_remaining=2000)  # fmt: skip
+            r = result.report
+            typer.echo(f"edit {drawn!r}: forget rate {r.forget_rate:.3f}, success {r.success_top1:.3f}"
+                       f", remaining {r.remaining:.3f} (before {r.remaining_before:.3f})")  # fmt: skip
+            edited, prompts = result.hooked, drawn
+        krs = restore(vanilla, edited, prompts, settings=tuple(settings.split(",")),
+                      windows=tuple(parse_ints(windows, "--windows")), n_tokens=tokens,
+                      n_prompts=n, seed=seed)  # fmt: skip
+        write_result(krs, out, html, force)
+        table = krs.to_dataframe().pivot_table(index=["window", "setting"], columns="layer",
+                                               values="krs", sort=False)  # fmt: skip
+        typer.echo("KRS (eq. 3 on losses averaged over prompts) per window centre (layer):")
+        typer.echo(table.round(3).to_string())
 
 
 @app.command("probe")
@@ -436,28 +487,29 @@ def probe_cmd(
     from behemoth_interp.model import load_model
     from behemoth_interp.probe import flu_layers, probe
 
-    check_out(out, force)
-    model = load_model(model_dir)
-    pos = int(position) if position.lstrip("-").isdigit() else position
-    result = probe(model, relation, sites=tuple(s.strip() for s in sites.split(",")),
-                   position=pos, object_token=object_token, multiclass=multiclass,  # type: ignore[arg-type]
-                   test_size=test_size, seed=seed)  # fmt: skip
-    write_result(result, out, html, force)
-    table = result.to_dataframe().pivot(index="layer", columns="site", values="accuracy")
-    typer.echo("held-out accuracy per layer:")
-    typer.echo(table.round(3).to_string())
-    if "resid" in result.sites:
-        try:
-            typer.echo(f"FLU localization: blocks {list(flu_layers(result))}")
-        except ValueError as err:
-            typer.echo(f"no FLU localization: {err}")
+    with claim(out, force, html):
+        model = load_model(model_dir)
+        pos = int(position) if position.lstrip("-").isdigit() else position
+        result = probe(model, relation, sites=tuple(s.strip() for s in sites.split(",")),
+                       position=pos, object_token=object_token, multiclass=multiclass,  # type: ignore[arg-type]
+                       test_size=test_size, seed=seed)  # fmt: skip
+        write_result(result, out, html, force)
+        table = result.to_dataframe().pivot(index="layer", columns="site", values="accuracy")
+        typer.echo("held-out accuracy per layer:")
+        typer.echo(table.round(3).to_string())
+        if "resid" in result.sites:
+            try:
+                typer.echo(f"FLU localization: blocks {list(flu_layers(result))}")
+            except ValueError as err:
+                typer.echo(f"no FLU localization: {err}")
 
 
 def main() -> None:
-    """Console entry point: user errors print one line and exit 2 instead of a traceback."""
+    """Console entry point: a user's mistake (a `BehemothError`) prints one line and exits 2;
+    anything else is a bug and keeps its traceback."""
     try:
         app()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except BehemothError as err:
         typer.echo(f"error: {err}", err=True)
         raise SystemExit(2) from None
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from behemoth_interp._io import read_json, write_dir, write_json
+from behemoth_interp.errors import InvalidArgument
 from behemoth_interp.grammar import GRAMMAR, PAD_ROLE, get_template, render
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World, WorldConfig
@@ -45,19 +46,21 @@ class CorpusConfig:
         mix = tuple(sorted((str(k), float(v)) for k, v in dict(self.grammar_mix).items()))
         object.__setattr__(self, "grammar_mix", mix)
         if not mix:
-            raise ValueError("grammar_mix is empty: give at least one template, e.g. paper=1")
+            raise InvalidArgument("grammar_mix is empty: give at least one template, e.g. paper=1")
         for name, weight in mix:
             get_template(name)
             if weight < 0:
-                raise ValueError(f"grammar_mix weight of {name!r} is negative ({weight})")
+                raise InvalidArgument(f"grammar_mix weight of {name!r} is negative ({weight})")
         if sum(w for _, w in mix) <= 0:
-            raise ValueError(
+            raise InvalidArgument(
                 "grammar_mix weights sum to zero: give some template a positive weight"
             )
+        if self.n_choices < 2:
+            raise InvalidArgument(f"n_choices must be at least 2, got {self.n_choices}")
         if self.copies < 1:
-            raise ValueError(f"copies must be at least 1, got {self.copies}")
+            raise InvalidArgument(f"copies must be at least 1, got {self.copies}")
         if self.block_len < 16:
-            raise ValueError(
+            raise InvalidArgument(
                 f"block_len={self.block_len} is too short: blocks hold whole sentences"
             )
 
@@ -107,6 +110,13 @@ class Corpus:
     @classmethod
     def build(cls, world: World, tokenizer: WorldTokenizer, config: CorpusConfig) -> Corpus:
         """Render, shuffle and pack every tuple of `world` `config.copies` times."""
+        most = max(len(world.candidate_objects(r)) for r in range(world.n_relations))
+        asks = any(get_template(name).is_choice and w > 0 for name, w in config.grammar_mix)
+        if asks and most >= 2 and config.n_choices > most:
+            raise InvalidArgument(
+                f"n_choices={config.n_choices} lists more candidates than any relation of this "
+                f"world has objects: choose 2..{most}"
+            )
         rng = np.random.default_rng(config.seed)
         facts = np.tile(world.facts(), (config.copies, 1))
         names, weights = zip(*config.grammar_mix)
@@ -232,7 +242,7 @@ def _pack(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """
     n = len(lengths)
     if n and lengths.max() > capacity:
-        raise ValueError(
+        raise InvalidArgument(
             f"a sentence of {lengths.max()} tokens does not fit in a block of {capacity + 1} "
             f"(one token is the block's <|endoftext|>): use block_len >= {lengths.max() + 1}"
         )

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from transformers import GPTNeoXForCausalLM
 
 from behemoth_interp._io import JsonConfig, read_json, write_dir, write_json
+from behemoth_interp.errors import Diverged, InvalidArgument, WrongType, check_int
 from behemoth_interp.evaluate import FactAccuracy, evaluate_facts
-from behemoth_interp.grammar import OBJECT, PARAPHRASES, get_template, render
-from behemoth_interp.model import hooked_in_world, load_hf, write_checkpoint
+from behemoth_interp.grammar import OBJECT, PARAPHRASES, edit_choices, get_template, render
+from behemoth_interp.model import check_world, hooked_in_world, load_hf, write_checkpoint
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
 
@@ -71,17 +72,19 @@ class EditTask:
         facts = np.asarray(self.facts, dtype=np.int64).reshape(-1, 3)
         targets = np.asarray(self.targets, dtype=np.int64).reshape(-1)
         if len(facts) == 0:
-            raise ValueError("an edit task needs at least one tuple to edit")
+            raise InvalidArgument("an edit task needs at least one tuple to edit")
         if len(targets) != len(facts):
-            raise ValueError(
+            raise InvalidArgument(
                 f"{len(facts)} tuples but {len(targets)} targets: give one new object per tuple"
             )
         if self.kind not in (*TASKS, "custom"):
-            raise ValueError(f"unknown task kind {self.kind!r}: choose one of {TASKS} or 'custom'")
+            raise InvalidArgument(
+                f"unknown task kind {self.kind!r}: choose one of {TASKS} or 'custom'"
+            )
         for r in np.unique(facts[:, 1]):
             w._check_relation(int(r))
             if w.relation_kind(int(r)) != "base":
-                raise ValueError(
+                raise InvalidArgument(
                     f"relation {w.relation_name(int(r))} is not a base relation: edit tasks change "
                     f"base tuples (relations 0..{w.config.n_relations - 1}); their dependents follow"
                 )
@@ -89,23 +92,25 @@ class EditTask:
         wrong = np.flatnonzero(true != facts[:, 2])
         if len(wrong):
             s, r, o = facts[wrong[0]]
-            raise ValueError(
+            raise InvalidArgument(
                 f"tuple (s={s}, r={r}, o={o}) is not in this world: ({s}, {w.relation_name(int(r))}) "
                 f"has object {true[wrong[0]]}"
             )
         keys = facts[:, 0] * w.n_relations + facts[:, 1]
         if len(np.unique(keys)) != len(keys):
-            raise ValueError("a (subject, relation) pair is edited twice: give each tuple once")
+            raise InvalidArgument(
+                "a (subject, relation) pair is edited twice: give each tuple once"
+            )
         for (s, r, _), t in zip(facts, targets):
             n = len(w.candidate_objects(int(r)))
             if not 0 <= t < n:
-                raise ValueError(
+                raise InvalidArgument(
                     f"edit target {t} for (s={s}, r={w.relation_name(int(r))}) is outside the "
                     f"relation's objects 0..{n - 1}"
                 )
         if self.kind != "forget" and (targets == facts[:, 2]).any():
             i = int(np.flatnonzero(targets == facts[:, 2])[0])
-            raise ValueError(
+            raise InvalidArgument(
                 f"edit target of tuple {tuple(facts[i].tolist())} is its current object: "
                 "an override must change the object"
             )
@@ -134,10 +139,11 @@ class EditTask:
         an HF model) that is evaluated on the relation first.
         """
         if kind not in TASKS:
-            raise ValueError(f"unknown edit task {kind!r}: choose one of {TASKS}")
+            raise InvalidArgument(f"unknown edit task {kind!r}: choose one of {TASKS}")
+        check_int("n", n, 1)
         world._check_relation(relation)
         if world.relation_kind(relation) != "base":
-            raise ValueError(
+            raise InvalidArgument(
                 f"relation {world.relation_name(relation)} is not a base relation: "
                 f"draw tasks on relations 0..{world.config.n_relations - 1}"
             )
@@ -149,7 +155,7 @@ class EditTask:
         ok = _correct_mask(world, relation, correct)
         pool = facts[ok]
         if len(pool) == 0:
-            raise ValueError(
+            raise InvalidArgument(
                 f"no tuple of relation {world.relation_name(relation)} is predicted correctly: "
                 "train the model further or pass correct=None"
             )
@@ -162,7 +168,7 @@ class EditTask:
             values, counts = np.unique(pool[:, 2], return_counts=True)
             enough = values[counts >= n]
             if len(enough) == 0:
-                raise ValueError(
+                raise InvalidArgument(
                     f"no object of relation {world.relation_name(relation)} is shared by {n}"
                     f"{which} subjects, the most is {counts.max()}: use a smaller n "
                     "or a world with more subjects"
@@ -174,7 +180,7 @@ class EditTask:
         else:  # ten_different
             values = np.unique(pool[:, 2])
             if len(values) < n or len(candidates) < max(n, 2):
-                raise ValueError(
+                raise InvalidArgument(
                     f"'ten_different' needs {n} tuples with different objects and {n} different "
                     f"new ones, but relation {world.relation_name(relation)} has {len(values)}"
                     f"{which} objects of {len(candidates)}: use a smaller n"
@@ -236,7 +242,9 @@ class EditTask:
     @classmethod
     def from_dict(cls, d: dict[str, Any], world: World) -> EditTask:
         if d["world"] != world.config.to_dict():
-            raise ValueError("this task was drawn from another world: pass the world it came from")
+            raise InvalidArgument(
+                "this task was drawn from another world: pass the world it came from"
+            )
         return cls(world, np.array(d["facts"]), np.array(d["targets"]), d["kind"], d["seed"])
 
     def __repr__(self) -> str:
@@ -253,7 +261,9 @@ def _other_objects(rng, old: np.ndarray, candidates: np.ndarray, distinct: bool)
     """A random other object for each old one; with `distinct`, all new objects differ."""
     k = len(candidates)
     if k < 2:
-        raise ValueError("the relation has a single possible object: there is nothing to edit to")
+        raise InvalidArgument(
+            "the relation has a single possible object: there is nothing to edit to"
+        )
     if not distinct:
         return (old + rng.integers(1, k, size=len(old))) % k
     while True:  # rejection: a random injection with no fixed point (k >= n, k >= 2)
@@ -269,7 +279,7 @@ def _correct_mask(world: World, relation: int, correct) -> np.ndarray:
         return np.ones(n, dtype=bool)
     if isinstance(correct, np.ndarray):
         if correct.shape != (n,) or correct.dtype != bool:
-            raise ValueError(
+            raise InvalidArgument(
                 f"correct must be a boolean mask over relation {world.relation_name(relation)}'s "
                 f"{n} subjects, got {correct.dtype} {correct.shape}"
             )
@@ -282,7 +292,7 @@ def _correct_mask(world: World, relation: int, correct) -> np.ndarray:
     mask = np.zeros(n, dtype=bool)
     mask[correct.facts[rows, 0]] = correct.top(1)[rows]
     if rows.sum() != n:
-        raise ValueError(
+        raise InvalidArgument(
             f"the FactAccuracy covers {rows.sum()} of relation {world.relation_name(relation)}'s "
             f"{n} tuples: evaluate all of them (world.facts(relation))"
         )
@@ -314,22 +324,24 @@ class EditDataConfig(JsonConfig):
             self, "grammar_mix", tuple((str(n), float(w)) for n, w in self.grammar_mix)
         )
         if self.repeats < 1:
-            raise ValueError(f"repeats must be at least 1, got {self.repeats}")
+            raise InvalidArgument(f"repeats must be at least 1, got {self.repeats}")
         if len(self.ratio) != 3 or min(self.ratio) < 0 or self.ratio[0] <= 0:
-            raise ValueError(
+            raise InvalidArgument(
                 f"ratio is edited : sharing : random, three non-negative numbers with edited > 0, "
                 f"got {self.ratio}"
             )
         if len(self.forget_ratio) != 2 or min(self.forget_ratio) < 0 or self.forget_ratio[0] <= 0:
-            raise ValueError(
+            raise InvalidArgument(
                 f"forget_ratio is forgotten : other, e.g. (1, 1), got {self.forget_ratio}"
             )
         if not 0 < self.forget_fraction <= 1:
-            raise ValueError(f"forget_fraction must be in (0, 1], got {self.forget_fraction}")
+            raise InvalidArgument(f"forget_fraction must be in (0, 1], got {self.forget_fraction}")
         if not self.grammar_mix or any(w < 0 for _, w in self.grammar_mix):
-            raise ValueError("grammar_mix needs (template, weight) pairs with weights >= 0")
+            raise InvalidArgument("grammar_mix needs (template, weight) pairs with weights >= 0")
         if sum(w for _, w in self.grammar_mix) <= 0:
-            raise ValueError("grammar_mix weights sum to 0: give at least one template weight > 0")
+            raise InvalidArgument(
+                "grammar_mix weights sum to 0: give at least one template weight > 0"
+            )
         for name, _ in self.grammar_mix:
             get_template(name)
 
@@ -426,7 +438,10 @@ def lora_modules(
 
 def _block_list(blocks) -> list[int]:
     """Block indices from a list, an array or a `Localization`: sorted, each once."""
-    return sorted({int(b) for b in np.atleast_1d(np.asarray(list(blocks), dtype=np.int64))})
+    values = np.atleast_1d(np.asarray(list(blocks)))
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise InvalidArgument(f"blocks must be integer block indices, got {list(blocks)}")
+    return sorted({int(b) for b in values})
 
 
 def _selection(hf, blocks, components) -> tuple[list[int], tuple[str, ...]]:
@@ -435,16 +450,18 @@ def _selection(hf, blocks, components) -> tuple[list[int], tuple[str, ...]]:
         blocks = range(n)
     blocks = _block_list(blocks)
     if not blocks:
-        raise ValueError(
+        raise InvalidArgument(
             f"the block set is empty: name at least one block of 0..{n - 1}, or None for all"
         )
     if blocks[0] < 0 or blocks[-1] >= n:
-        raise ValueError(f"blocks {blocks} are not all in this model: it has blocks 0..{n - 1}")
+        raise InvalidArgument(
+            f"blocks {blocks} are not all in this model: it has blocks 0..{n - 1}"
+        )
     comps = ("mlp", "attn") if components == "both" else (
         (components,) if isinstance(components, str) else tuple(components)
     )  # fmt: skip
     if not comps or any(c not in COMPONENT_CHOICES for c in comps):
-        raise ValueError(
+        raise InvalidArgument(
             f"components must be 'mlp', 'attn', 'both' or a tuple of them, got {components!r}"
         )
     return blocks, comps
@@ -454,14 +471,15 @@ def _resolve(model_or_checkpoint, task: EditTask) -> GPTNeoXForCausalLM:
     if isinstance(model_or_checkpoint, str | Path):
         hf, world, _ = load_hf(model_or_checkpoint)
         if world != task.world:
-            raise ValueError(
+            raise InvalidArgument(
                 f"{model_or_checkpoint} was trained on another world than the task's: "
                 "draw the task from the checkpoint's world (load_hf(path)[1])"
             )
         return hf
     if isinstance(model_or_checkpoint, GPTNeoXForCausalLM):
+        check_world(model_or_checkpoint, task.world)
         return model_or_checkpoint
-    raise TypeError(
+    raise WrongType(
         f"edit takes an HF GPT-NeoX model or a checkpoint directory, got "
         f"{type(model_or_checkpoint).__name__}: load one with bi.load_hf(path)[0]"
     )
@@ -505,6 +523,11 @@ def _finetune(
         else:
             loss = _objective(model, objective, weights, x, x_old[rows], mask, inj[rows],
                               differs[rows])  # fmt: skip
+        if not torch.isfinite(loss):
+            raise Diverged(
+                f"the edit diverged: its loss is {loss.item()} at step {step + 1} of {total} "
+                f"(lr {lr:g}); no edited model is returned. Lower lr"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -512,6 +535,10 @@ def _finetune(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
+    if not all(torch.isfinite(params[n]).all() for n in names):
+        raise Diverged(
+            f"the edit diverged: trained weights are NaN or infinite (lr {lr:g}): lower lr"
+        )
     return {"steps": total, "final_loss": float(np.mean(losses[-max(1, per_epoch // 10) :]))}
 
 
@@ -525,7 +552,7 @@ def _lora(
     limit = {m: min(hf.get_submodule(m).weight.shape) for m in modules}
     if rank < 1 or rank > min(limit.values()):
         worst = min(limit, key=limit.get)
-        raise ValueError(
+        raise InvalidArgument(
             f"LoRA rank {rank} is not in 1..{limit[worst]}: {worst} has full rank {limit[worst]}, "
             "so a larger adapter adds nothing (use method='finetune' for a full-rank edit)"
         )
@@ -597,7 +624,9 @@ class EditResult:
         """Write the edited model as a checkpoint directory (`load_model` and `load_hf` read it,
         so every analysis runs on it) with `edit_report.json` and `edit_task.json`; atomic."""
         if self.task is None:
-            raise ValueError("this result has no task: build it with edit(), which records one")
+            raise InvalidArgument(
+                "this result has no task: build it with edit(), which records one"
+            )
 
         def fill(tmp: Path) -> None:
             write_checkpoint(tmp, self.model, self.task.world)
@@ -649,27 +678,29 @@ def edit(
     The input model is left unchanged. Returns an `EditResult` (edited model and report).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown edit method {method!r}: choose one of {METHODS}")
+        raise InvalidArgument(f"unknown edit method {method!r}: choose one of {METHODS}")
+    if max_remaining is not None:
+        check_int("max_remaining", max_remaining, 1)
     if method == "rome":
         if lr is not None or steps is not None:
-            raise ValueError(
+            raise InvalidArgument(
                 "ROME takes no lr or steps: set them as rome=RomeConfig(v_lr=..., v_steps=...)"
             )
         return _rome(model_or_checkpoint, task, blocks, components, rome, seed=seed,
                      hooked=hooked, evaluate=evaluate, max_remaining=max_remaining)  # fmt: skip
     if rome is not None:
-        raise ValueError(f"rome= configures method='rome', not {method!r}: leave it out")
+        raise InvalidArgument(f"rome= configures method='rome', not {method!r}: leave it out")
     components = ("mlp", "attn") if components is None else components
     lr = DEFAULT_LR[method] if lr is None else lr
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}: choose one of {OBJECTIVES}")
+        raise InvalidArgument(f"unknown objective {objective!r}: choose one of {OBJECTIVES}")
     weights = tuple(float(w) for w in weights)
     if len(weights) != 3 or min(weights) < 0:
-        raise ValueError(
+        raise InvalidArgument(
             f"weights are (injection, retain, forget), three numbers >= 0, got {weights}"
         )
     if lr <= 0 or batch_size < 1 or epochs < 1 or (steps is not None and steps < 1):
-        raise ValueError(
+        raise InvalidArgument(
             f"need lr > 0, batch_size >= 1, epochs >= 1 and steps >= 1 or None "
             f"(lr={lr}, batch_size={batch_size}, epochs={epochs}, steps={steps})"
         )
@@ -718,19 +749,19 @@ def _rome(before, task: EditTask, blocks, components, config: RomeConfig | None,
     if blocks is not None:
         blocks = _block_list(blocks)
         if len(blocks) != 1:
-            raise ValueError(
+            raise InvalidArgument(
                 f"ROME edits the MLP of exactly one block, got blocks={blocks}: pass one block "
                 f"of 0..{n - 1}, e.g. blocks=[0], or None for rome.layer"
             )
         if config is not None and config.layer != blocks[0]:
-            raise ValueError(
+            raise InvalidArgument(
                 f"blocks={blocks} and rome.layer={config.layer} disagree: give the layer once"
             )
         config = RomeConfig(layer=blocks[0]) if config is None else config
     config = RomeConfig() if config is None else config
     layer, comps = _selection(before, [config.layer], "mlp" if components is None else components)
     if comps != ("mlp",):
-        raise ValueError(
+        raise InvalidArgument(
             f"ROME edits MLP output weights only, got components={components!r}: "
             "pass components='mlp' or leave it out"
         )
@@ -755,7 +786,7 @@ def changed_parameters(before: torch.nn.Module, after: torch.nn.Module) -> dict[
     """For every parameter tensor that differs, the number of its elements that changed."""
     a, b = dict(before.named_parameters()), dict(after.named_parameters())
     if a.keys() != b.keys():
-        raise ValueError(
+        raise InvalidArgument(
             "the models have different parameters: compare a model with its edited copy"
         )
     out = {}
@@ -766,33 +797,43 @@ def changed_parameters(before: torch.nn.Module, after: torch.nn.Module) -> dict[
     return out
 
 
-RATE_METRICS = ("success_top1", "success_top2", "forget_rate", "remaining_before", "remaining",
-                "dependent_kept", "dependent_followed")  # fmt: skip
+RATE_METRICS = ("success_top1", "success_top2", "success_top1_all", "forget_rate",
+                "remaining_before", "remaining", "dependent_kept", "dependent_followed",
+                "dependent_followed_all")  # fmt: skip
 
 
 @dataclass
 class EditReport:
     """How an edit went (Behemoth sections 4.7-4.10), every rate over exact ground truth.
 
-    success_top1/2: edited tuples whose new object is top-1 / within top-2; forget_rate:
+    Rates over edited tuples count only the tuples the edit changes (forgetting leaves the
+    tuples already at object 0 as they are: counting them would credit the edit with them);
+    the `_all` variants count every tuple of the task.
+    success_top1/2: changed tuples whose new object is top-1 / within top-2; forget_rate:
     changed tuples whose old object is no longer top-1; remaining (remaining_before): top-1
     accuracy on every tuple the edit must not change, after (before) the edit;
     dependent_kept / dependent_followed: dependents (correlated partner, nested implied tuple)
-    still predicting their old object / the object implied by the edit (None without
-    dependents); template_success: success_top1 in each paraphrase and the 'mcq' format;
-    changed: parameter name -> number of elements changed.
+    whose implied object changes, still predicting their old object / the object implied by
+    the edit (None without such dependents); template_success: success_top1 in each paraphrase
+    and the 'mcq' format (its choices always list the original and the new object);
+    template_before: the unedited model's accuracy on the same tuples with their original
+    objects in the same formats (was the format learned at all?); changed: parameter name ->
+    number of elements changed.
     """
 
     task: str
     method: str
     success_top1: float = float("nan")
     success_top2: float = float("nan")
+    success_top1_all: float = float("nan")
     forget_rate: float = float("nan")
     remaining: float = float("nan")
     remaining_before: float | None = None
     dependent_kept: float | None = None
     dependent_followed: float | None = None
+    dependent_followed_all: float | None = None
     template_success: dict[str, float] = field(default_factory=dict)
+    template_before: dict[str, float] = field(default_factory=dict)
     changed: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -804,6 +845,7 @@ class EditReport:
         """Every scalar of the report (rates, per-template success, parameters changed)."""
         out = {m: getattr(self, m) for m in RATE_METRICS if getattr(self, m) is not None}
         out.update({f"success/{t}": v for t, v in self.template_success.items()})
+        out.update({f"before/{t}": v for t, v in self.template_before.items()})
         out["params_changed"] = self.params_changed
         out["tensors_changed"] = len(self.changed)
         return out
@@ -876,9 +918,13 @@ def evaluate_edit(
     w = task.world
     tok = WorldTokenizer(w.config)
     settings = dict(settings or {})
+    changed = task.changed
+    if not changed.any():
+        raise InvalidArgument(
+            f"{task!r} changes no tuple (every target is already its object): nothing to score"
+        )
     edited = evaluate_facts(model, w, tok, task.edited)
     old = evaluate_facts(model, w, tok, task.facts)
-    changed = task.changed
     unchanged = task.unchanged()
     if max_remaining is not None and len(unchanged) > max_remaining:
         rows = np.random.default_rng([seed, 13]).choice(
@@ -888,22 +934,32 @@ def evaluate_edit(
     report = EditReport(
         task.kind,
         method or settings.get("method", "unknown"),
-        success_top1=float(edited.top(1).mean()),
-        success_top2=float(edited.top(2).mean()),
-        forget_rate=float((~old.top(1))[changed].mean()) if changed.any() else float("nan"),
+        success_top1=float(edited.top(1)[changed].mean()),
+        success_top2=float(edited.top(2)[changed].mean()),
+        success_top1_all=float(edited.top(1).mean()),
+        forget_rate=float((~old.top(1))[changed].mean()),
         remaining=evaluate_facts(model, w, tok, unchanged).accuracy,
-        template_success={
-            t: float(evaluate_facts(model, w, tok, task.edited, template=t).top(1).mean())
-            for t in templates
-        },  # fmt: skip
         settings=settings,
     )
+    # the formats ask the changed tuples only; MCQ lists the original and the new object
+    facts, targets = task.facts[changed], task.targets[changed]
+    new_facts = task.edited[changed]
+    choices = edit_choices(w, facts, targets, seed=seed) if "mcq" in templates else None
+    for t in templates:
+        ask = {"template": t, "choices": choices if get_template(t).is_choice else None}
+        report.template_success[t] = evaluate_facts(model, w, tok, new_facts, **ask).accuracy
+        if before is not None:
+            report.template_before[t] = evaluate_facts(before, w, tok, facts, **ask).accuracy
     deps, followed = task.dependents()
     if len(deps):
-        report.dependent_kept = evaluate_facts(model, w, tok, deps).accuracy
         moved = deps.copy()
         moved[:, 2] = followed
-        report.dependent_followed = evaluate_facts(model, w, tok, moved).accuracy
+        follows = evaluate_facts(model, w, tok, moved).top(1)
+        must = followed != deps[:, 2]
+        report.dependent_followed_all = float(follows.mean())
+        if must.any():
+            report.dependent_kept = evaluate_facts(model, w, tok, deps[must]).accuracy
+            report.dependent_followed = float(follows[must].mean())
     if before is not None:
         report.remaining_before = evaluate_facts(before, w, tok, unchanged).accuracy
         if isinstance(before, GPTNeoXForCausalLM) and isinstance(model, GPTNeoXForCausalLM):
@@ -917,7 +973,8 @@ class LrSearch:
     """Learning rates tried for one edit, scored on training-time data only, and the best edit.
 
     `success` is top-1 accuracy on the edited tuples the edit trains on (the forgetting
-    sample for 'forget'); `remaining` top-1 accuracy on the dataset's unchanged tuples.
+    sample for 'forget'); `remaining` top-1 accuracy on the dataset's unchanged tuples; both
+    NaN for a learning rate whose edit diverged.
     """
 
     lrs: list[float]
@@ -949,7 +1006,7 @@ def select_lr(
     """
     lrs = [float(x) for x in lrs]
     if not lrs or min(lrs) <= 0:
-        raise ValueError(f"give at least one learning rate, all > 0: got {lrs}")
+        raise InvalidArgument(f"give at least one learning rate, all > 0: got {lrs}")
     hooked = edit_kwargs.pop("hooked", False)
     edit_kwargs.pop("evaluate", None)
     max_remaining = edit_kwargs.get("max_remaining")
@@ -957,15 +1014,28 @@ def select_lr(
     data = edit_dataset(task, edit_kwargs.get("data", EditDataConfig()))
     trained = data.part == "edit" if task.kind != "forget" else data.part == "forget"
     edited = np.unique(data.facts[trained], axis=0)
+    w = task.world
+    must = w.objects_of(edited[:, 0], edited[:, 1]) != edited[:, 2]
+    edited = edited[must] if must.any() else edited  # tuples already at their target say nothing
     kept = np.unique(data.facts[~trained], axis=0)
-    w, tok = task.world, WorldTokenizer(task.world.config)
+    tok = WorldTokenizer(w.config)
     success, remaining, results = [], [], []
     for lr in lrs:
-        result = edit(before, task, lr=lr, evaluate=False, **edit_kwargs)
-        success.append(evaluate_facts(result.model, w, tok, edited).accuracy)
-        remaining.append(evaluate_facts(result.model, w, tok, kept).accuracy if len(kept) else 1.0)
+        try:
+            result = edit(before, task, lr=lr, evaluate=False, **edit_kwargs)
+            success.append(evaluate_facts(result.model, w, tok, edited).accuracy)
+            remaining.append(
+                evaluate_facts(result.model, w, tok, kept).accuracy if len(kept) else 1.0
+            )
+        except Diverged:  # recorded as NaN, never selected
+            result = None
+            success.append(float("nan"))
+            remaining.append(float("nan"))
         results.append(result)
-    best = max(range(len(lrs)), key=lambda i: (success[i], remaining[i], -i))
+    ok = [i for i, r in enumerate(results) if r is not None]
+    if not ok:
+        raise Diverged(f"the edit diverged at every learning rate of {lrs}: try smaller ones")
+    best = max(ok, key=lambda i: (success[i], remaining[i], -i))
     chosen = results[best]
     chosen.report = evaluate_edit(chosen.model, task, before=before, settings=chosen.report.settings,
                                   max_remaining=max_remaining, seed=edit_kwargs.get("seed", 0))  # fmt: skip

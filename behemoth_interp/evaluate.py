@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from behemoth_interp.errors import CheckpointMismatch, Diverged
 from behemoth_interp.grammar import render
-from behemoth_interp.model import logits_of, model_device
+from behemoth_interp.model import check_world, describe, logits_of, model_device
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
 
@@ -98,11 +99,23 @@ def evaluate_facts(
     facts: np.ndarray | None = None,
     *,
     template: str = "paper",
+    choices: np.ndarray | None = None,
     batch_size: int = 512,
 ) -> FactAccuracy:
-    """Teacher-forced exact accuracy on `facts` [n, 3] (default: every tuple of the world)."""
+    """Teacher-forced exact accuracy on `facts` [n, 3] (default: every tuple of the world).
+
+    A true token tied with another counts as beaten (rank = tokens with a logit >= its own,
+    minus itself). Non-finite logits raise `Diverged`; a model or tokenizer of another world
+    raises `CheckpointMismatch`. `choices` [n, k]: the candidate objects of the
+    multiple-choice format per tuple (see `render`)."""
+    if tokenizer.config != world.config:
+        raise CheckpointMismatch(
+            "the tokenizer is another world's: pass WorldTokenizer(world.config) (or "
+            "model.world_tokenizer) with the world"
+        )
+    check_world(model, world)
     facts = world.facts() if facts is None else np.asarray(facts).reshape(-1, 3)
-    sent = render(world, tokenizer, facts, template)
+    sent = render(world, tokenizer, facts, template, choices=choices)
     obj = sent.spans["object"]
     k = int((obj[:, 1] - obj[:, 0]).max()) if len(facts) else 0
     width = int(obj[:, 1].max()) if len(facts) else 0
@@ -114,6 +127,14 @@ def evaluate_facts(
         rows = slice(start, start + batch_size)
         x = torch.as_tensor(inputs[rows], dtype=torch.long, device=device)
         logits = logits_of(model, x).float()
+        broken = ~torch.isfinite(logits).flatten(1).all(1)
+        if broken.any():
+            first = facts[start + int(broken.nonzero()[0, 0])]
+            raise Diverged(
+                f"{describe(model)} gives non-finite logits (NaN or inf), first on tuple "
+                f"{tuple(first.tolist())}: its weights are broken (a diverged training or edit?), "
+                "so it cannot be scored"
+            )
         # object token j sits at input position 1 + start + j (after the leading <|endoftext|>)
         pos = torch.as_tensor(obj[rows, :1] + 1 + np.arange(k)[None, :], device=device).clamp(
             max=width
@@ -121,7 +142,9 @@ def evaluate_facts(
         target = x.gather(1, pos)
         step = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1]))
         true = step.gather(2, target[..., None])
-        rank = (step > true).sum(-1)  # [b, k]: how many tokens beat the true one
+        # [b, k]: tokens that beat or tie the true one; a tie counts against it, so a model
+        # whose logits are all equal ranks every true token last, not first
+        rank = (step >= true).sum(-1) - 1
         span = torch.as_tensor(
             (obj[rows, 1] - obj[rows, 0])[:, None] > np.arange(k)[None, :], device=device
         )

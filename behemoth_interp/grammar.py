@@ -13,6 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
+from behemoth_interp.errors import InvalidArgument
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import N_FILLERS, World
 
@@ -33,15 +34,15 @@ class Template:
         parts = self.pattern.split()
         for slot in ("<s>", "<r>", "<o>"):
             if parts.count(slot) != 1:
-                raise ValueError(f"template {self.name!r} must contain {slot} exactly once")
+                raise InvalidArgument(f"template {self.name!r} must contain {slot} exactly once")
         if parts.index("<o>") < max(parts.index("<s>"), parts.index("<r>")):
-            raise ValueError(
+            raise InvalidArgument(
                 f"template {self.name!r}: the object must come after subject and relation"
             )
         for p in parts:
             known = p in ("SS", "RR", "OO", ".", "EOT", "<s>", "<r>", "<o>", "<choices>")
             if not known and not (p[0] == "F" and p[1:].isdigit() and int(p[1:]) < N_FILLERS - 1):
-                raise ValueError(f"template {self.name!r} has unknown part {p!r}")
+                raise InvalidArgument(f"template {self.name!r} has unknown part {p!r}")
 
     @property
     def parts(self) -> list[str]:
@@ -67,14 +68,37 @@ TEMPLATES: dict[str, Template] = {
             "F10 SS <s> RR <r> F11 <choices> F12 OO <o> . EOT",
             "multiple choice: candidate objects listed, then the answer",
         ),
+        Template("bare", "SS <s> RR <r> OO <o> . EOT", "markers only, no fillers"),
+        Template("wrapped", "F13 SS <s> RR <r> F14 OO <o> . EOT", "one filler before, one inside"),
+        Template("spaced", "SS <s> F15 RR <r> F16 OO <o> . EOT", "a filler after each slot"),
+        Template("relation_fronted", "F17 RR <r> SS <s> OO <o> . EOT", "filler, relation, subject"),
+        Template("long", "F18 SS <s> F19 F20 RR <r> F21 OO <o> . EOT", "four fillers"),
+        Template(
+            "relation_long",
+            "RR <r> F22 F13 SS <s> F14 F15 OO <o> . EOT",
+            "relation first, two fillers after each slot",
+        ),  # fmt: skip
+        Template("subject_late", "F16 F17 RR <r> F18 SS <s> F19 OO <o> . EOT", "subject last"),
+        Template("tailed", "SS <s> RR <r> F20 OO <o> F21 . EOT", "a filler after the object"),
+        Template("echoed", "SS <s> F22 RR <r> F0 OO <o> . EOT", "reuses a paper filler"),
+        Template(
+            "interleaved", "F3 SS <s> F5 RR <r> F7 OO <o> . EOT", "fillers of other paraphrases"
+        ),
     )
 }
 PARAPHRASES = ("relation_first", "compact", "fronted")
+"""The paraphrases edit reports evaluate on."""
+AUGMENT_PARAPHRASES = (
+    "bare", "wrapped", "spaced", "relation_fronted", "long",
+    "relation_long", "subject_late", "tailed", "echoed", "interleaved",
+)  # fmt: skip
+"""Ten more paraphrases, disjoint from PARAPHRASES: data for paraphrase-augmented edits
+(Retention paper, k = 5 and 10) that leaves the evaluation paraphrases unseen by the edit."""
 
 
 def get_template(name: str) -> Template:
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}: choose one of {sorted(TEMPLATES)}")
+        raise InvalidArgument(f"unknown template {name!r}: choose one of {sorted(TEMPLATES)}")
     return TEMPLATES[name]
 
 
@@ -112,7 +136,7 @@ class Sentences:
     def prompts(self) -> np.ndarray:
         """Prompt tokens [n, prompt_len] (requires one layout; select rows first otherwise)."""
         if not self.uniform:
-            raise ValueError(
+            raise InvalidArgument(
                 "sentences have different layouts: render one template and kind at a time"
             )
         return self.tokens[:, : self.prompt_len[0]]
@@ -136,19 +160,24 @@ def render(
     *,
     n_choices: int = 4,
     seed: int = 0,
+    choices: np.ndarray | None = None,
 ) -> Sentences:
     """Render tuples [n, 3] as sentences in one template, or per row (array of template names).
 
     The true objects are taken from `facts`, so edited targets render as given. Candidate
     objects for the multiple-choice format are the true object plus `n_choices - 1` distinct
-    others of the relation, in an order drawn with `seed`.
+    others of the relation (all of them if it has fewer), in an order drawn with `seed`; or
+    exactly `choices` [n, k] when given (each row distinct objects of its relation, holding
+    the row's object: edit evaluations list the original and the new object).
     """
     facts = np.asarray(facts, dtype=np.int64).reshape(-1, 3)
     names = np.broadcast_to(np.asarray(template, dtype=object), (len(facts),))
     for name in set(names.tolist()):
         get_template(name)
     if n_choices < 2:
-        raise ValueError(f"n_choices must be at least 2, got {n_choices}")
+        raise InvalidArgument(f"n_choices must be at least 2, got {n_choices}")
+    if choices is not None:
+        choices = _check_choices(world, facts, choices)
     rng = np.random.default_rng(seed)
     groups = []
     for name in sorted(set(names.tolist())):
@@ -161,7 +190,15 @@ def render(
             groups.append(
                 (
                     rows,
-                    _render_group(world, tokenizer, facts[rows], TEMPLATES[name], n_choices, rng),
+                    _render_group(
+                        world,
+                        tokenizer,
+                        facts[rows],
+                        TEMPLATES[name],
+                        n_choices,
+                        rng,
+                        None if choices is None else choices[rows],
+                    ),
                 )
             )
     n = len(facts)
@@ -182,7 +219,7 @@ def render(
     )
 
 
-def _render_group(world, tokenizer, facts, template: Template, n_choices: int, rng):
+def _render_group(world, tokenizer, facts, template: Template, n_choices: int, rng, given=None):
     """One template, one relation: every row has the same layout, so build by columns."""
     n = len(facts)
     r0 = int(facts[0, 1]) if n else 0
@@ -191,7 +228,7 @@ def _render_group(world, tokenizer, facts, template: Template, n_choices: int, r
     candidates = world.candidate_objects(r0)
     if n and (facts[:, 2].min() < 0 or facts[:, 2].max() >= len(candidates)):
         bad = facts[(facts[:, 2] < 0) | (facts[:, 2] >= len(candidates))][0]
-        raise ValueError(
+        raise InvalidArgument(
             f"object {bad[2]} is not a possible object of relation {world.relation_name(int(bad[1]))}: "
             f"it takes objects 0..{len(candidates) - 1}"
         )
@@ -221,7 +258,8 @@ def _render_group(world, tokenizer, facts, template: Template, n_choices: int, r
         elif part == "<o>":
             add(tokenizer.entity_tokens(o_space, facts[:, 2]), OBJECT, "object")
         else:  # <choices>
-            choices = _draw_choices(facts[:, 2], len(candidates), n_choices, rng)
+            choices = (_draw_choices(facts[:, 2], len(candidates), n_choices, rng)
+                       if given is None else given)  # fmt: skip
             ent = tokenizer.entity_tokens(o_space, choices.ravel()).reshape(n, choices.shape[1], -1)
             filler = np.full((n, choices.shape[1], 1), tokenizer.fillers[CHOICE_FILLER])
             role = ([GRAMMAR] + [CHOICE] * ent.shape[2]) * choices.shape[1]
@@ -235,10 +273,37 @@ def _render_group(world, tokenizer, facts, template: Template, n_choices: int, r
     )
 
 
+def _check_choices(world: World, facts: np.ndarray, choices) -> np.ndarray:
+    """Given candidate lists [n, k] as int64, or an error naming what is wrong with them."""
+    choices = np.asarray(choices, dtype=np.int64)
+    if choices.ndim != 2 or len(choices) != len(facts) or choices.shape[1] < 2:
+        raise InvalidArgument(
+            f"choices must be [n_tuples={len(facts)}, k >= 2] candidate objects, got shape "
+            f"{choices.shape}"
+        )
+    if not (choices == facts[:, 2:3]).any(1).all():
+        raise InvalidArgument("every row of choices must contain that tuple's object")
+    s = np.sort(choices, axis=1)
+    if (s[:, 1:] == s[:, :-1]).any():
+        raise InvalidArgument("the candidate objects of a row must be distinct")
+    for r in np.unique(facts[:, 1]):
+        n = len(world.candidate_objects(int(r)))
+        if choices[facts[:, 1] == r].min() < 0 or choices[facts[:, 1] == r].max() >= n:
+            raise InvalidArgument(
+                f"choices for relation {world.relation_name(int(r))} must be objects 0..{n - 1}"
+            )
+    return choices
+
+
 def _draw_choices(true: np.ndarray, n_objects: int, n_choices: int, rng) -> np.ndarray:
     """Candidate lists [n, k]: the true object and k-1 distinct others, shuffled per row."""
     k = min(n_choices, n_objects)
     n = len(true)
+    if _p_distinct(k - 1, n_objects - 1) < 0.05:
+        # nearly every other object is a candidate: rejection would almost never stop, so take
+        # the first k-1 of a random order of the offsets instead
+        offsets = 1 + np.argsort(rng.random((n, n_objects - 1)), axis=1)[:, : k - 1]
+        return _shuffled(true, offsets, n_objects, k, rng)
     # offsets in 1..n_objects-1 (mod n_objects they never hit the true object); redraw
     # the rows that drew an offset twice until every row is distinct
     offsets = rng.integers(1, n_objects, size=(n, k - 1))
@@ -248,6 +313,39 @@ def _draw_choices(true: np.ndarray, n_objects: int, n_choices: int, rng) -> np.n
         if not dup.any():
             break
         offsets[dup] = rng.integers(1, n_objects, size=(int(dup.sum()), k - 1))
+    return _shuffled(true, offsets, n_objects, k, rng)
+
+
+def _shuffled(true, offsets, n_objects: int, k: int, rng) -> np.ndarray:
     choices = np.concatenate([true[:, None], (true[:, None] + offsets) % n_objects], axis=1)
-    order = np.argsort(rng.random((n, k)), axis=1)
+    order = np.argsort(rng.random((len(true), k)), axis=1)
     return np.take_along_axis(choices, order, axis=1)
+
+
+def _p_distinct(k: int, m: int) -> float:
+    """Probability that k draws from m values with replacement are all distinct."""
+    return float(np.prod((m - np.arange(k)) / m)) if k <= m else 0.0
+
+
+def edit_choices(
+    world: World, facts: np.ndarray, targets: np.ndarray, n_choices: int = 4, seed: int = 0
+) -> np.ndarray:
+    """Candidate lists [n, k] for asking edited tuples in the multiple-choice format: the
+    original object, the new one and k-2 distinct others of the relation, shuffled with `seed`,
+    so the same question scores the model before (original) and after (new) the edit."""
+    facts = np.asarray(facts, dtype=np.int64).reshape(-1, 3)
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    rng = np.random.default_rng([seed, 23])
+    rows = []
+    for (_, r, o), t in zip(facts, targets):
+        n = len(world.candidate_objects(int(r)))
+        k = min(n_choices, n)
+        others = np.setdiff1d(np.arange(n), [o, t])
+        pick = rng.choice(others, size=k - len({int(o), int(t)}), replace=False)
+        rows.append(rng.permutation(np.concatenate([[o], [t] if t != o else [], pick])))
+    width = max(map(len, rows)) if rows else 0
+    if any(len(r) != width for r in rows):
+        raise InvalidArgument(
+            "these tuples' relations have different numbers of objects: ask them in groups"
+        )
+    return np.stack(rows).astype(np.int64) if rows else np.zeros((0, 2), dtype=np.int64)

@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from behemoth_interp.errors import InvalidArgument
 from behemoth_interp.grammar import get_template, render
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
@@ -57,9 +58,11 @@ class Site:
 
     def __post_init__(self) -> None:
         if self.kind not in SITE_KINDS:
-            raise ValueError(f"unknown site {self.kind!r}: choose one of {', '.join(SITE_KINDS)}")
+            raise InvalidArgument(
+                f"unknown site {self.kind!r}: choose one of {', '.join(SITE_KINDS)}"
+            )
         if self.layer < 0:
-            raise ValueError(f"site {self.kind}.{self.layer}: layers count from 0")
+            raise InvalidArgument(f"site {self.kind}.{self.layer}: layers count from 0")
 
     @property
     def hook_name(self) -> str:
@@ -78,7 +81,7 @@ class Site:
         """'mlp_post.2' -> Site('mlp_post', 2)."""
         kind, dot, layer = text.rpartition(".")
         if not dot or not layer.isdigit():
-            raise ValueError(
+            raise InvalidArgument(
                 f"site {text!r} must be '<kind>.<layer>', e.g. 'mlp_post.2', or a bare kind"
             )
         return cls(kind, int(layer))
@@ -100,7 +103,9 @@ def resolve_sites(model: HookedTransformer, sites: SiteSpec) -> list[Site]:
             continue
         site = item if isinstance(item, Site) else Site.parse(item)
         if site.layer >= n_layers:
-            raise ValueError(f"site {site} is out of range: the model has layers 0..{n_layers - 1}")
+            raise InvalidArgument(
+                f"site {site} is out of range: the model has layers 0..{n_layers - 1}"
+            )
         out.append(site)
     return list(dict.fromkeys(out))
 
@@ -143,7 +148,7 @@ class Inputs:
             mask = np.zeros(self.n_pos, dtype=bool)
             if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
                 if not -self.n_pos <= item < self.n_pos:
-                    raise ValueError(
+                    raise InvalidArgument(
                         f"position {item} is out of range: inputs have {self.n_pos} positions "
                         f"(0..{self.n_pos - 1}, or -{self.n_pos}..-1 from the end)"
                     )
@@ -154,7 +159,7 @@ class Inputs:
                 labels.append(str(item))
             rows.append(mask)
         if not rows:
-            raise ValueError("no positions given: name at least one, e.g. positions='each'")
+            raise InvalidArgument("no positions given: name at least one, e.g. positions='each'")
         return tuple(labels), torch.as_tensor(np.stack(rows), device=self.tokens.device)
 
     def _named(self, name: str) -> slice:
@@ -173,7 +178,7 @@ class Inputs:
         known = [p for p in POSITION_NAMES if p != "object" or "object" in spans] + [
             k for k in spans if k not in POSITION_NAMES
         ]
-        raise ValueError(
+        raise InvalidArgument(
             f"unknown position {name!r}: choose one of {', '.join(known)}, a token label "
             f"({', '.join(self.labels)}) or an int"
         )
@@ -195,16 +200,18 @@ def build_inputs(
     """
     facts = np.asarray(facts, dtype=np.int64).reshape(-1, 3)
     if not len(facts):
-        raise ValueError("no tuples given: pass an array [n, 3] of (subject, relation, object)")
+        raise InvalidArgument(
+            "no tuples given: pass an array [n, 3] of (subject, relation, object)"
+        )
     sent = render(world, tokenizer, facts, template)
     if not sent.uniform:
-        raise ValueError(
+        raise InvalidArgument(
             "these tuples render with different layouts (their relations' entities have different "
             "token counts): pass the relations of one kind at a time"
         )
     obj_start, obj_end = (int(x) for x in sent.spans["object"][0])
     if not 0 <= object_tokens <= obj_end - obj_start:
-        raise ValueError(
+        raise InvalidArgument(
             f"object_tokens={object_tokens}: objects here have {obj_end - obj_start} tokens"
         )
     length = obj_start + object_tokens
@@ -384,13 +391,13 @@ def _kv_cache(model, tokens: Tensor, start_pos: int, resid: Tensor | None, kv):
     if not start_pos:
         return None
     if not 0 < start_pos < tokens.shape[1] or resid is None or kv is None:
-        raise ValueError(
+        raise InvalidArgument(
             f"start_pos={start_pos} needs resid and kv (the keys and values of the run resid "
             f"came from, capture(..., keep_kv=True)), and must be in 0..{tokens.shape[1] - 1}"
         )
     shape = (tokens.shape[0], tokens.shape[1], model.cfg.n_heads, model.cfg.d_head)
     if len(kv) != model.cfg.n_layers or any(tuple(t.shape) != shape for pair in kv for t in pair):
-        raise ValueError(
+        raise InvalidArgument(
             f"kv must hold every block's keys and values of shape {shape}: pass "
             "capture(..., keep_kv=True).kv of the run resid came from, indexed like resid"
         )
@@ -445,29 +452,31 @@ def _hooks(model, tokens: Tensor, patches, records: Mapping[Site, Callable], sta
     """One TransformerLens hook per hook point: apply its patches, then record the result."""
     n_layers = model.cfg.n_layers
     if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        raise InvalidArgument(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     if not 0 <= start_layer <= n_layers:
-        raise ValueError(
+        raise InvalidArgument(
             f"start_layer={start_layer} is out of range: resume at a block of 0..{n_layers - 1}, "
             f"or at {n_layers} from the stream after the last block"
         )
     if resid is None and start_layer:
-        raise ValueError(f"start_layer={start_layer} needs resid, the residual stream entering it")
+        raise InvalidArgument(
+            f"start_layer={start_layer} needs resid, the residual stream entering it"
+        )
     if resid is not None and tuple(resid.shape) != (*tokens.shape, model.cfg.d_model):
-        raise ValueError(
+        raise InvalidArgument(
             f"resid has shape {tuple(resid.shape)}: resuming needs [batch, pos, d_model] = "
             f"{(*tokens.shape, model.cfg.d_model)}"
         )
     by_site: dict[Site, list[Patch]] = {}
     for p in patches:
         if p.site.layer >= n_layers:
-            raise ValueError(
+            raise InvalidArgument(
                 f"patch site {p.site} is out of range: the model has layers 0..{n_layers - 1}"
             )
         by_site.setdefault(p.site, []).append(p)
     early = [str(s) for s in [*by_site, *records] if s.layer < start_layer]
     if early:
-        raise ValueError(
+        raise InvalidArgument(
             f"{', '.join(early)} come before start_layer={start_layer}: those blocks do not run"
         )
 
@@ -498,13 +507,13 @@ def _apply(act: Tensor, p: Patch, start_pos: int = 0) -> Tensor:
         mask = mask.expand(act.shape[0], *mask.shape)
     if tuple(mask.shape) != tuple(act.shape[:want]):
         axes = "pos, head" if p.site.has_heads else "pos"
-        raise ValueError(
+        raise InvalidArgument(
             f"patch mask for {p.site} has shape {tuple(p.mask.shape)}: the activation "
             f"{tuple(act.shape)} needs [batch, {axes}] = {tuple(act.shape[:want])} or "
             f"[{axes}] = {tuple(act.shape[1:want])}"
         )
     if tuple(p.source.shape[1:]) != tuple(act.shape[1:]):
-        raise ValueError(
+        raise InvalidArgument(
             f"patch source for {p.site} has shape {tuple(p.source.shape)}, the activation is "
             f"{tuple(act.shape)}: capture the source on inputs of the same length and model shape"
         )
@@ -538,19 +547,19 @@ def swap_params(
     for pattern in [names] if isinstance(names, str) else list(names):
         hits = [n for n in params if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            raise ValueError(
+            raise InvalidArgument(
                 f"no parameter matches {pattern!r}: names look like "
                 f"{', '.join(list(params)[:4])}, ..."
             )
         chosen.extend(h for h in hits if h not in chosen)
     for name in chosen:
         if name not in source:
-            raise ValueError(
+            raise InvalidArgument(
                 f"the other model has no parameter {name!r}: swap between models of one "
                 "architecture"
             )
         if source[name].shape != params[name].shape:
-            raise ValueError(
+            raise InvalidArgument(
                 f"{name} has shape {tuple(params[name].shape)} here and "
                 f"{tuple(source[name].shape)} in the other model: swap between models of one shape"
             )

@@ -9,6 +9,7 @@ parameter swaps between models mean what they say.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import SafetensorError
 from torch import Tensor
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from behemoth_interp._io import JsonConfig
+from behemoth_interp._io import JsonConfig, read_json, write_json
+from behemoth_interp.errors import CheckpointMismatch, CorruptFile, InvalidArgument, MissingInput
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
 
@@ -41,11 +44,13 @@ class ModelConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         if min(self.n_layers, self.d_model, self.n_heads, self.d_mlp, self.n_ctx) < 1:
-            raise ValueError(f"model sizes must be positive: {self}")
+            raise InvalidArgument(f"model sizes must be positive: {self}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise InvalidArgument(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+            )
         if not 0 < self.rotary_pct <= 1:
-            raise ValueError(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
+            raise InvalidArgument(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -57,7 +62,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}: choose one of {sorted(PRESETS)}")
+        raise InvalidArgument(f"unknown model preset {name!r}: choose one of {sorted(PRESETS)}")
     return PRESETS[name]
 
 
@@ -171,14 +176,86 @@ CHECKPOINT_FILES = (
     "world.json",
     "facts.parquet",
 )
+CHECKPOINT_META = "checkpoint.json"
+CHECKPOINT_FORMAT = "behemoth-checkpoint/1"
 
 
 def write_checkpoint(into: Path, hf: GPTNeoXForCausalLM, world: World) -> None:
     """Write `hf` with its world and tokenizer into the directory `into`, the files `load_hf`
-    reads; callers write into a temporary directory (`_io.write_dir`) so that it is atomic."""
+    reads, and `checkpoint.json`: the world's fingerprint and the sha256 of every file, which
+    `load_hf` checks. Callers write into a temporary directory (`_io.write_dir`): atomic."""
+    hf.config.behemoth_world = world.fingerprint
     hf.save_pretrained(str(into), safe_serialization=True)
     WorldTokenizer(world.config).save(into)
     world.write_into(into)
+    write_json(into / CHECKPOINT_META, {"format": CHECKPOINT_FORMAT, "world": world.fingerprint,
+               "sha256": {f: file_sha256(into / f) for f in CHECKPOINT_FILES}})  # fmt: skip
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether directory `path` holds a model checkpoint (which `train --force` may replace)."""
+    return (path / "model.safetensors").is_file() and (path / "world.json").is_file()
+
+
+def _check_files(path: Path) -> str | None:
+    """Compare every file with the sha256 `checkpoint.json` recorded when it was written and
+    return the recorded world fingerprint (None for checkpoints older than the record, whose
+    weights are checked against the training log's hash, when it has one)."""
+    if not (path / CHECKPOINT_META).is_file():
+        log = path / "train_log.json"
+        recorded = (
+            read_json(log, what="training log").get("weights_sha256") if log.is_file() else None
+        )
+        if recorded and file_sha256(path / "model.safetensors") != recorded:
+            raise CheckpointMismatch(
+                f"{path}/model.safetensors is not the file its training wrote (sha256 recorded in "
+                "train_log.json differs): restore the original weights or retrain"
+            )
+        return None
+    meta = read_json(path / CHECKPOINT_META, what="checkpoint record", format=CHECKPOINT_FORMAT)
+    for name, recorded in meta["sha256"].items():
+        if file_sha256(path / name) != recorded:
+            raise CheckpointMismatch(
+                f"{path}/{name} is not the file this checkpoint was written with (its sha256 "
+                f"differs from the one in {CHECKPOINT_META}): it was modified, truncated or "
+                "copied from another checkpoint. Restore the original file, or retrain"
+            )
+    return meta["world"]
+
+
+def describe(model) -> str:
+    """A model's name in messages: its checkpoint directory when it was loaded from one."""
+    path = getattr(model, "checkpoint", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", None
+    )
+    return f"the model from {path}" if path else f"this {type(model).__name__}"
+
+
+def model_world(model) -> str | None:
+    """The fingerprint of the world `model` belongs to, when it records one: a
+    HookedTransformer's `.world`, or the HF config's `behemoth_world` (set by checkpoints)."""
+    world = getattr(model, "world", None)
+    if isinstance(world, World):
+        return world.fingerprint
+    return getattr(getattr(model, "config", None), "behemoth_world", None)
+
+
+def check_world(model, world: World) -> None:
+    """Raise `CheckpointMismatch` if `model` records a world other than `world`."""
+    recorded = model_world(model)
+    if recorded is not None and recorded != world.fingerprint:
+        raise CheckpointMismatch(
+            f"{describe(model)} was trained on another world than {world!r}: use the world it "
+            "was trained on (load_model(path).world, or load_hf(path)[1])"
+        )
 
 
 @contextmanager
@@ -205,21 +282,39 @@ def load_hf(
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory: pass a checkpoint written by `train`")
+        raise MissingInput(f"{path} is not a directory: pass a checkpoint written by `train`")
     missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{path} is not a complete behemoth-interp checkpoint: missing {', '.join(missing)}"
         )
+    recorded = _check_files(path)
     world = World.load(path)
+    if recorded is not None and world.fingerprint != recorded:
+        raise CheckpointMismatch(
+            f"{path}: world.json and facts.parquet describe another world than the one the model "
+            "was trained on: restore them from the world directory it was trained on"
+        )
     tokenizer = WorldTokenizer(world.config)
     tokenizer.check_saved(path)
-    with _quiet_loading():
-        hf = GPTNeoXForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32
+    try:
+        with _quiet_loading():
+            hf = GPTNeoXForCausalLM.from_pretrained(
+                str(path), local_files_only=True, dtype=torch.float32
+            )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise CorruptFile(
+            f"{path}: model.safetensors and config.json cannot be read as one GPT-NeoX model "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}): restore them or retrain"
+        ) from None
+    if getattr(hf.config, "behemoth_world", None) not in (None, world.fingerprint):
+        raise CheckpointMismatch(
+            f"{path}/config.json belongs to a model of another world: restore the checkpoint's "
+            "own config.json"
         )
+    hf.config.behemoth_world = world.fingerprint
     if hf.config.vocab_size != tokenizer.vocab_size:
-        raise ValueError(
+        raise InvalidArgument(
             f"{path}: the model has a vocabulary of {hf.config.vocab_size} tokens but its world's "
             f"tokenizer has {tokenizer.vocab_size}: the weights come from another world"
         )
@@ -242,6 +337,7 @@ def hooked_in_world(
 ) -> HookedTransformer:
     """`hf` as a HookedTransformer with `world` attached (`model.world`, and its tokenizer), as
     `load_model` gives it; on `hf`'s device unless `device` says otherwise."""
+    check_world(hf, world)
     device = next(hf.parameters()).device if device is None else device
     model = to_hooked(hf, WorldTokenizer(world.config), device)
     model.world = world

@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from behemoth_interp._io import JsonConfig, read_tensor_dir, write_tensor_dir
+from behemoth_interp.errors import InvalidArgument
 from behemoth_interp.grammar import get_template
 from behemoth_interp.hooks import (
     SITE_KINDS,
@@ -82,27 +83,29 @@ class ProbeConfig(JsonConfig):
         object.__setattr__(self, "sites", sites)
         object.__setattr__(self, "exclude", tuple(sorted({int(s) for s in self.exclude})))
         if not sites:
-            raise ValueError(f"no sites given: choose some of {', '.join(PROBE_SITES)}")
+            raise InvalidArgument(f"no sites given: choose some of {', '.join(PROBE_SITES)}")
         for kind in sites:
             if kind not in PROBE_SITES:
-                raise ValueError(f"unknown site {kind!r}: choose some of {', '.join(PROBE_SITES)}")
+                raise InvalidArgument(
+                    f"unknown site {kind!r}: choose some of {', '.join(PROBE_SITES)}"
+                )
         if len(set(sites)) != len(sites):
-            raise ValueError(f"sites {sites} name a site twice")
+            raise InvalidArgument(f"sites {sites} name a site twice")
         if not isinstance(self.position, (str, int)) or isinstance(self.position, bool):
-            raise ValueError(
+            raise InvalidArgument(
                 f"position must be one name, token label or index, got {self.position!r}"
             )
         get_template(self.template)
         if not 0 < self.test_size < 1:
-            raise ValueError(
+            raise InvalidArgument(
                 f"test_size is a share of the subjects in (0, 1), got {self.test_size}"
             )
         if self.multiclass not in ("multinomial", "ovr"):
-            raise ValueError(
+            raise InvalidArgument(
                 f"unknown multiclass {self.multiclass!r}: choose 'multinomial' or 'ovr'"
             )
         if self.C <= 0 or self.max_iter < 1:
-            raise ValueError(
+            raise InvalidArgument(
                 f"need C > 0 and max_iter >= 1, got C={self.C}, max_iter={self.max_iter}"
             )
 
@@ -158,13 +161,13 @@ class ProbeResult:
         world, tokenizer = _world_of(model, world)
         facts = self.facts if facts is None else check_tuples(world, facts)
         if (facts[:, 1] != self.config.relation).any():
-            raise ValueError(
+            raise InvalidArgument(
                 f"the probes read relation {self.relation_name}: pass tuples of that relation only"
             )
         feats = _features(model, world, tokenizer, facts, self.config)
         for site, x in feats.items():
             if x.shape[-1] != self.weights[site].shape[-1]:
-                raise ValueError(
+                raise InvalidArgument(
                     f"the probes read {self.weights[site].shape[-1]} features at {site}, this "
                     f"model has {x.shape[-1]}: apply them to models of the shape they were fit on"
                 )
@@ -279,7 +282,7 @@ def probe(
     facts = world.facts(relation).astype(np.int64)
     unknown = [s for s in config.exclude if not 0 <= s < len(facts)]
     if unknown:
-        raise ValueError(
+        raise InvalidArgument(
             f"excluded subject {unknown[0]} is not a subject of {world.relation_name(relation)}: "
             f"it has subjects 0..{len(facts) - 1}"
         )
@@ -288,7 +291,7 @@ def probe(
     labels = digits[:, _token_index(config.object_token, digits.shape[1])]
     classes = np.unique(labels)
     if len(classes) < 2:
-        raise ValueError(
+        raise InvalidArgument(
             f"every object of {world.relation_name(relation)} has the same token "
             f"{config.object_token}: there is nothing to predict; probe another object token "
             "(object_token=-1 for a binarized relation)"
@@ -322,7 +325,7 @@ def _split(labels: np.ndarray, test_size: float, seed: int) -> np.ndarray:
         members = rng.permutation(np.flatnonzero(labels == c))
         train[members[: min(round(test_size * len(members)), len(members) - 1)]] = False
     if train.all():
-        raise ValueError(
+        raise InvalidArgument(
             f"test_size={test_size} holds out no subject: every class is too small; use a larger "
             "test_size or a relation with more subjects"
         )
@@ -333,7 +336,7 @@ def _position(inputs: Inputs, position: str | int) -> int:
     labels, mask = inputs.positions(position)
     where = mask[0].nonzero().flatten().tolist()
     if len(where) != 1:
-        raise ValueError(
+        raise InvalidArgument(
             f"position {position!r} covers {len(where)} input positions: a probe reads one, "
             "e.g. 'last', 'last_subject' or a token label"
         )
@@ -455,15 +458,15 @@ def flu_layers(result: ProbeResult, *, share: float = 0.8, min_rise: float = 0.2
     never rises `min_rise` above chance: there is no lookup to localize.
     """
     if "resid" not in result.accuracy:
-        raise ValueError(
+        raise InvalidArgument(
             "FLU localization needs the residual stream before and after every block: "
             "probe with sites including 'resid'"
         )
     if not 0 < share <= 1:
-        raise ValueError(f"share must be in (0, 1], got {share}")
+        raise InvalidArgument(f"share must be in (0, 1], got {share}")
     acc = result.accuracy["resid"]
     if acc.max() - result.chance < min_rise:
-        raise ValueError(
+        raise InvalidArgument(
             f"probe accuracy peaks at {acc.max():.2f}, within {min_rise} of chance "
             f"({result.chance:.2f}): no block looks the object up here (is the model trained? "
             "is the position one where the answer is computed, such as 'last'?)"
@@ -540,14 +543,14 @@ def latent_knowledge(probes: ProbeResult, model, task: EditTask) -> LatentKnowle
 
     c, world = probes.config, task.world
     if task.relation != c.relation:
-        raise ValueError(
+        raise InvalidArgument(
             f"the probes read relation {probes.relation_name}, the task edits "
             f"{world.relation_name(task.relation)}: fit probes on the edited relation"
         )
     if not np.array_equal(
         world.objects_of(probes.facts[:, 0], probes.facts[:, 1]), probes.facts[:, 2]
     ):
-        raise ValueError("the probes were fitted on another world than the task's")
+        raise InvalidArgument("the probes were fitted on another world than the task's")
     if isinstance(model, GPTNeoXForCausalLM):
         model = hooked_in_world(model, world)
     tokenizer = WorldTokenizer(world.config)
@@ -558,7 +561,7 @@ def latent_knowledge(probes: ProbeResult, model, task: EditTask) -> LatentKnowle
     keep = (~np.isin(task.facts[:, 0], seen) & (old[:, :j] == new[:, :j]).all(1)
             & (old[:, j] != new[:, j]))  # fmt: skip
     if not keep.any():
-        raise ValueError(
+        raise InvalidArgument(
             f"none of the task's {len(task.facts)} tuples can be scored: each was trained on by "
             f"the probes, or its new object does not differ from the old one first at object "
             f"token {j}. Fit the probes with exclude=task.facts[:, 0]"

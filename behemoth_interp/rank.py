@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers import GPTNeoXForCausalLM
 
 from behemoth_interp._io import read_json, write_json
+from behemoth_interp.errors import InvalidArgument, WrongType
 
 COMPONENTS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out")
 """Weight matrices of a block, in the paper's names (Figure 12)."""
@@ -127,7 +128,7 @@ def _as_hf(model) -> GPTNeoXForCausalLM:
         from behemoth_interp.model import load_hf
 
         return load_hf(model)[0]
-    raise TypeError(
+    raise WrongType(
         f"move_rank takes HF GPT-NeoX models or checkpoint directories, got {type(model).__name__}: "
         "edit() returns the HF model; bi.load_hf(path)[0] loads one"
     )
@@ -142,7 +143,7 @@ def move_rank(before, after, threshold: float = 0.95, *, keep_spectra: bool = Fa
     Returns a `MoveRank` (Behemoth section 6.2, Figure 12).
     """
     if not 0 < threshold <= 1:
-        raise ValueError(
+        raise InvalidArgument(
             f"threshold is a fraction of ΔW's energy: it must be in (0, 1], got {threshold}"
         )
     a, b = _as_hf(before), _as_hf(after)
@@ -150,7 +151,7 @@ def move_rank(before, after, threshold: float = 0.95, *, keep_spectra: bool = Fa
     shape_a = {k: getattr(a.config, k) for k in keys}
     shape_b = {k: getattr(b.config, k) for k in keys}
     if shape_a != shape_b:
-        raise ValueError(
+        raise InvalidArgument(
             f"the models have different shapes ({shape_a} before, {shape_b} after): "
             "compare a model with an edited copy of itself"
         )

@@ -6,12 +6,15 @@ Each prompt is continued greedily by the vanilla model for `n_tokens` (I) tokens
 teacher-forced on that sequence and compared with the vanilla run by the mean squared error
 between the logit vectors that predict the I continuation tokens:
 
-    KRS = 1 - MSE(restored, vanilla) / MSE(edited, vanilla)        (Dissecting eq. 3)
+    KRS = 1 - mean MSE(restored, vanilla) / mean MSE(edited, vanilla)      (Dissecting eq. 3)
 
-per prompt, averaged over prompts (`pooled` is eq. 3 on losses averaged first). Restoring is
-done with the hook layer only: 'coefficients' patches `mlp_post`, 'attention' patches
-`attn_out` (both captured from the vanilla run, at every position), 'values' swaps in the
-vanilla `W_out` and `b_out` of the window's MLPs; settings join these with '+'.
+with both losses averaged over the prompts first, as the paper defines it: that is the
+headline (`KRSResult.krs`, the data frame's `krs`, the plot). The same ratio per prompt is
+`prompt_krs`, and its mean over prompts `prompt_mean` (`krs_prompt_mean`), which weighs a prompt
+the edit barely changed as much as one it changed a lot. Restoring is done with the hook layer
+only: 'coefficients' patches `mlp_post`, 'attention' patches `attn_out` (both captured from the
+vanilla run, at every position), 'values' swaps in the vanilla `W_out` and `b_out` of the
+window's MLPs; settings join these with '+'.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import Tensor
 
 from behemoth_interp._io import JsonConfig, read_tensor_dir, write_tensor_dir
 from behemoth_interp.edit import EditTask
+from behemoth_interp.errors import InvalidArgument
 from behemoth_interp.grammar import get_template
 from behemoth_interp.hooks import Patch, Site, build_inputs, capture, patch, swap_params
 from behemoth_interp.trace import _world_of, check_tuples
@@ -49,12 +53,12 @@ def parse_setting(setting: str) -> str:
     parts = [p.strip() for p in str(setting).split("+")]
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
-        raise ValueError(
+        raise InvalidArgument(
             f"unknown restore setting {setting!r}: join parts of {', '.join(PARTS)} with '+', "
             "e.g. 'coefficients+attention'"
         )
     if len(set(parts)) != len(parts):
-        raise ValueError(f"restore setting {setting!r} names a part twice")
+        raise InvalidArgument(f"restore setting {setting!r} names a part twice")
     return "+".join(p for p in PARTS if p in parts)
 
 
@@ -62,9 +66,11 @@ def window_layers(centre: int, size: int, n_layers: int) -> range:
     """The layers of a window of `size` centred on `centre`, truncated at the model's edges
     (Meng et al. 2022's causal-tracing windows, used by Dissecting: size 5 is centre ± 2)."""
     if size < 1:
-        raise ValueError(f"window sizes must be at least 1, got {size}")
+        raise InvalidArgument(f"window sizes must be at least 1, got {size}")
     if not 0 <= centre < n_layers:
-        raise ValueError(f"window centre {centre} is not a layer: the model has 0..{n_layers - 1}")
+        raise InvalidArgument(
+            f"window centre {centre} is not a layer: the model has 0..{n_layers - 1}"
+        )
     return range(max(0, centre - size // 2), min(n_layers, centre - (-size // 2)))
 
 
@@ -90,24 +96,26 @@ class RestoreConfig(JsonConfig):
         settings = (self.settings,) if isinstance(self.settings, str) else tuple(self.settings)
         windows = (self.windows,) if isinstance(self.windows, int) else tuple(self.windows)
         if not settings:
-            raise ValueError(f"no restore settings given: choose some of {', '.join(SETTINGS)}")
+            raise InvalidArgument(
+                f"no restore settings given: choose some of {', '.join(SETTINGS)}"
+            )
         settings = tuple(parse_setting(s) for s in settings)
         if len(set(settings)) != len(settings):
-            raise ValueError(f"settings {settings} name a setting twice")
+            raise InvalidArgument(f"settings {settings} name a setting twice")
         if not windows or any(int(w) != w or w < 1 for w in windows):
-            raise ValueError(f"window sizes must be integers >= 1, got {windows}")
+            raise InvalidArgument(f"window sizes must be integers >= 1, got {windows}")
         if len(set(windows)) != len(windows):
-            raise ValueError(f"window sizes {windows} repeat a size")
+            raise InvalidArgument(f"window sizes {windows} repeat a size")
         object.__setattr__(self, "settings", settings)
         object.__setattr__(self, "windows", tuple(int(w) for w in windows))
         if self.n_tokens < 1:
-            raise ValueError(f"n_tokens (I) must be at least 1, got {self.n_tokens}")
+            raise InvalidArgument(f"n_tokens (I) must be at least 1, got {self.n_tokens}")
         if self.n_prompts is not None and self.n_prompts < 1:
-            raise ValueError(
+            raise InvalidArgument(
                 f"n_prompts (N) must be at least 1 or None (all), got {self.n_prompts}"
             )
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+            raise InvalidArgument(f"batch_size must be at least 1, got {self.batch_size}")
         get_template(self.template)
 
 
@@ -120,7 +128,9 @@ class KRSResult:
     `config.windows`, window centred on `layer`; `edited_loss` [prompt] is MSE(edited,
     vanilla). `prompts` [prompt, pos] are the input tokens, `continuation` [prompt, I] the
     vanilla model's greedy tokens, `tuples` [prompt, 3] the facts prompted (None for raw tokens).
-    Prompts the edit did not change (edited_loss == 0) have no KRS: they are `excluded`.
+    `krs` is the score (eq. 3 on losses averaged over prompts); `prompt_krs` and `prompt_mean`
+    are the per-prompt ratios and their mean. Prompts the edit did not change (edited_loss ==
+    0) have no KRS: they are `excluded` from all three.
     """
 
     losses: dict[str, Tensor]
@@ -152,32 +162,34 @@ class KRSResult:
         return int(self.excluded.sum())
 
     @property
-    def scores(self) -> dict[str, Tensor]:
-        """KRS per prompt, [window, layer, prompt]; NaN for excluded prompts."""
-        denom = torch.where(self.excluded, torch.nan, self.edited_loss)
-        return {k: 1 - v / denom for k, v in self.losses.items()}
-
-    @property
-    def mean(self) -> dict[str, Tensor]:
-        """KRS averaged over the prompts the edit changed, [window, layer]."""
-        return {k: v.nanmean(-1) for k, v in self.scores.items()}
-
-    @property
-    def pooled(self) -> dict[str, Tensor]:
-        """Dissecting eq. 3 as printed: 1 - (mean restored loss) / (mean edited loss)."""
+    def krs(self) -> dict[str, Tensor]:
+        """The Knowledge Recovery Score, [window, layer]: Dissecting eq. 3 on losses averaged
+        over the prompts the edit changed, 1 - mean(restored loss) / mean(edited loss)."""
         keep = ~self.excluded
         return {k: 1 - v[..., keep].mean(-1) / self.edited_loss[keep].mean()
                 for k, v in self.losses.items()}  # fmt: skip
 
+    @property
+    def prompt_krs(self) -> dict[str, Tensor]:
+        """Eq. 3 on each prompt alone, [window, layer, prompt]; NaN for excluded prompts."""
+        denom = torch.where(self.excluded, torch.nan, self.edited_loss)
+        return {k: 1 - v / denom for k, v in self.losses.items()}
+
+    @property
+    def prompt_mean(self) -> dict[str, Tensor]:
+        """The per-prompt KRS averaged over the prompts the edit changed, [window, layer]: each
+        prompt weighs the same however little the edit changed it (not the paper's KRS)."""
+        return {k: v.nanmean(-1) for k, v in self.prompt_krs.items()}
+
     def to_dataframe(self, per_prompt: bool = False) -> pd.DataFrame:
         """Long format: setting, window, layer (the centre), first and last layer restored, krs
-        (mean over prompts), krs_pooled, n_prompts (those scored). With `per_prompt`, one row
-        per prompt with its krs, restored and edited loss (and subject, relation, object)."""
+        (eq. 3 on losses averaged over prompts: the headline), krs_prompt_mean (the mean of the
+        per-prompt KRS), n_prompts (those scored). With `per_prompt`, one row per prompt with
+        its prompt_krs, restored and edited loss (and subject, relation, object)."""
         frames = []
         n = len(self.edited_loss)
-        all_scores, mean, pooled = self.scores, self.mean, self.pooled
+        krs, per, prompt_mean = self.krs, self.prompt_krs, self.prompt_mean
         for setting, losses in self.losses.items():
-            scores = all_scores[setting]
             for wi, size in enumerate(self.windows):
                 for layer in range(self.n_layers):
                     span = window_layers(layer, size, self.n_layers)
@@ -185,30 +197,32 @@ class KRSResult:
                            "first_layer": span.start, "last_layer": span.stop - 1}  # fmt: skip
                     if per_prompt:
                         frame = pd.DataFrame({**row, "prompt": np.arange(n),
-                                              "krs": scores[wi, layer].numpy(),
+                                              "prompt_krs": per[setting][wi, layer].numpy(),
                                               "restored_loss": losses[wi, layer].numpy(),
                                               "edited_loss": self.edited_loss.numpy()})  # fmt: skip
                         if self.tuples is not None:
                             for i, col in enumerate(("subject", "relation", "object")):
                                 frame.insert(6 + i, col, self.tuples[:, i])
                     else:
-                        frame = pd.DataFrame([{**row, "krs": float(mean[setting][wi, layer]),
-                                               "krs_pooled": float(pooled[setting][wi, layer]),
+                        at = (wi, layer)
+                        frame = pd.DataFrame([{**row, "krs": float(krs[setting][at]),
+                                               "krs_prompt_mean": float(prompt_mean[setting][at]),
                                                "n_prompts": n - self.n_excluded}])  # fmt: skip
                     frames.append(frame)
         return pd.concat(frames, ignore_index=True)
 
     def plot(self, title: str | None = None):
-        """KRS against the window's centre layer, one line per setting and one panel per
-        window size (Dissecting Figure 1)."""
+        """KRS (eq. 3, losses averaged over prompts) against the window's centre layer, one
+        line per setting and one panel per window size (Dissecting Figure 1)."""
         import plotly.express as px
 
         df = self.to_dataframe()
         df["window"] = [f"window {w}" for w in df["window"]]
-        what = (f"Knowledge Recovery Score, {len(self.edited_loss) - self.n_excluded} prompts, "
+        what = (f"Knowledge Recovery Score (eq. 3 on losses averaged over "
+                f"{len(self.edited_loss) - self.n_excluded} prompts), "
                 f"{self.config.n_tokens} tokens")  # fmt: skip
         fig = px.line(df, x="layer", y="krs", color="setting", facet_col="window", markers=True,
-                      hover_data=["first_layer", "last_layer", "krs_pooled"],
+                      hover_data=["first_layer", "last_layer", "krs_prompt_mean"],
                       title=title or what)  # fmt: skip
         fig.update_xaxes(dtick=1)
         fig.add_hline(y=0, line_dash="dot", line_color="grey")
@@ -241,9 +255,9 @@ class KRSResult:
         )  # fmt: skip
 
     def __repr__(self) -> str:
-        best = {k: round(float(np.nanmax(v.numpy())), 3) for k, v in self.mean.items()}
+        best = {k: round(float(np.nanmax(v.numpy())), 3) for k, v in self.krs.items()}
         return (f"KRSResult({len(self.edited_loss)} prompts ({self.n_excluded} unchanged), "
-                f"windows {list(self.windows)}, best mean KRS {best})")  # fmt: skip
+                f"windows {list(self.windows)}, best KRS {best})")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- restore
@@ -293,7 +307,7 @@ def restore(
                     logits = _restored(edited, vanilla, vanilla_run, edited_run, x, setting, layers)
                     losses[setting][wi, centre, rows] = _mse(logits[:, read], target)
     if bool((edited_loss == 0).all()):
-        raise ValueError(
+        raise InvalidArgument(
             f"the edited model's logits equal the vanilla model's on all {len(tokens)} prompts: "
             "there is nothing to recover. Restore into the model after the edit, on prompts the "
             "edit changed (e.g. the EditTask)"
@@ -341,25 +355,25 @@ def _check_models(vanilla, edited) -> None:
     keys = ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")
     shapes = [{k: getattr(m.cfg, k) for k in keys} for m in (vanilla, edited)]
     if shapes[0] != shapes[1]:
-        raise ValueError(
+        raise InvalidArgument(
             f"the models have different shapes ({shapes[0]} vanilla, {shapes[1]} edited): "
             "restore between a model and an edited copy of itself"
         )
     worlds = [getattr(m, "world", None) for m in (vanilla, edited)]
     if None not in worlds and worlds[0] != worlds[1]:
-        raise ValueError(
+        raise InvalidArgument(
             "the edited model was trained on another world than the vanilla model: "
             "restore between a model and an edited copy of itself"
         )
     devices = [next(m.parameters()).device for m in (vanilla, edited)]
     if devices[0] != devices[1]:
-        raise ValueError(
+        raise InvalidArgument(
             f"the vanilla model is on {devices[0]}, the edited one on {devices[1]}: "
             "move both to one device (model.to(device))"
         )
     theirs = dict(edited.named_parameters())
     if all(torch.equal(p, theirs[n]) for n, p in vanilla.named_parameters()):
-        raise ValueError(
+        raise InvalidArgument(
             "the edited model has the vanilla model's parameters: there is nothing to recover. "
             "Pass the model after the edit (e.g. edit(..., hooked=True).hooked)"
         )
@@ -371,11 +385,11 @@ def _prompt_tokens(vanilla, prompts, config: RestoreConfig, world):
     if isinstance(prompts, Tensor):
         tokens = prompts.to(device=device, dtype=torch.long)
         if tokens.ndim != 2 or not len(tokens):
-            raise ValueError(
+            raise InvalidArgument(
                 f"prompt tokens must be a non-empty [n, pos] tensor, got {tuple(tokens.shape)}"
             )
         if int(tokens.min()) < 0 or int(tokens.max()) >= vanilla.cfg.d_vocab:
-            raise ValueError(
+            raise InvalidArgument(
                 f"prompt tokens must be ids in 0..{vanilla.cfg.d_vocab - 1} of the model's world"
             )
         keep = _sample(len(tokens), config)
@@ -383,7 +397,7 @@ def _prompt_tokens(vanilla, prompts, config: RestoreConfig, world):
     world, tokenizer = _world_of(vanilla, world)
     if isinstance(prompts, EditTask):
         if prompts.world != world:
-            raise ValueError(
+            raise InvalidArgument(
                 "the edit task was drawn from another world than the model's: draw it from "
                 "model.world"
             )

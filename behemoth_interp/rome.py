@@ -50,6 +50,7 @@ from torch import Tensor
 
 from behemoth_interp._io import JsonConfig
 from behemoth_interp.edit import EditTask
+from behemoth_interp.errors import Diverged, InvalidArgument
 from behemoth_interp.grammar import get_template, render
 from behemoth_interp.hooks import Capture, Inputs, Patch, Site, build_inputs, capture
 from behemoth_interp.tokenizer import WorldTokenizer
@@ -100,29 +101,29 @@ class RomeConfig(JsonConfig):
         templates = (self.templates,) if isinstance(self.templates, str) else self.templates
         object.__setattr__(self, "templates", tuple(templates))
         if not self.templates or len(set(self.templates)) != len(self.templates):
-            raise ValueError(
+            raise InvalidArgument(
                 f"templates must name each template once, at least one: got {self.templates}"
             )
         for name in self.templates:
             get_template(name)
         if self.layer < 0:
-            raise ValueError(f"layer={self.layer}: blocks count from 0")
+            raise InvalidArgument(f"layer={self.layer}: blocks count from 0")
         if self.position not in ROME_POSITIONS:
-            raise ValueError(
+            raise InvalidArgument(
                 f"unknown position {self.position!r}: choose one of {', '.join(ROME_POSITIONS)}"
             )
         if self.v_lr <= 0 or self.v_steps < 1 or self.clamp_norm_factor <= 0:
-            raise ValueError(
+            raise InvalidArgument(
                 f"need v_lr > 0, v_steps >= 1 and clamp_norm_factor > 0 (v_lr={self.v_lr}, "
                 f"v_steps={self.v_steps}, clamp_norm_factor={self.clamp_norm_factor})"
             )
         if min(self.v_stop_loss, self.kl_factor, self.weight_decay, self.cov_ridge) < 0:
-            raise ValueError(
+            raise InvalidArgument(
                 "v_stop_loss, kl_factor, weight_decay and cov_ridge must be >= 0: got "
                 f"{self.v_stop_loss}, {self.kl_factor}, {self.weight_decay}, {self.cov_ridge}"
             )
         if self.cov_sentences is not None and self.cov_sentences < 1:
-            raise ValueError(
+            raise InvalidArgument(
                 f"cov_sentences={self.cov_sentences}: draw at least one, or None for all"
             )
 
@@ -238,7 +239,7 @@ def _feeds_keys(name: str, layer: int) -> bool:
 def _check_layer(model: HookedTransformer, layer: int) -> None:
     n = model.cfg.n_layers
     if not 0 <= layer < n:
-        raise ValueError(
+        raise InvalidArgument(
             f"ROME layer {layer} is not in this model: it has blocks 0..{n - 1}. Pass "
             "rome=RomeConfig(layer=...) or blocks=[...]; at position 'object' the shipped "
             "models edit best at block 3, where probes start to decode the object (bi.flu_layers)"
@@ -258,7 +259,7 @@ def apply_rome(
     """
     _check_layer(model, config.layer)
     if config.position == "last_subject" and config.layer == model.cfg.n_layers - 1:
-        raise ValueError(
+        raise InvalidArgument(
             f"ROME cannot edit through the last block ({config.layer}): its MLP output at the "
             f"last subject token reaches no later position; choose a layer of "
             f"0..{config.layer - 1}"
@@ -275,6 +276,11 @@ def apply_rome(
         essence = (_essence(world, int(fact[0]), touched) if config.position == "last_subject"
                    else np.empty((0, 3), np.int64))  # fmt: skip
         update = _fit(model, world, fact, int(target), essence, regularized, config)
+        if not torch.isfinite(update.matrix).all():
+            raise Diverged(
+                f"ROME diverged on tuple {tuple(fact.tolist())}: its update is NaN or infinite "
+                f"(v_lr {config.v_lr}); lower RomeConfig.v_lr or cov_ridge's inverse"
+            )
         with torch.no_grad():
             model.blocks[config.layer].mlp.W_out += update.matrix
         updates.append(update)

@@ -17,6 +17,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from behemoth_interp.errors import InvalidArgument, MissingInput
 from behemoth_interp.world import N_FILLERS, EntitySpace, WorldConfig, entity_factors
 
 EOT = "<|endoftext|>"
@@ -26,7 +27,7 @@ SPACES: tuple[str, ...] = ("special", "filler", "subject", "relation", "object",
 _SPLIT = Regex(r" SS| RR| OO| \d{0,4}|\.")
 
 
-class OutOfVocabularyError(ValueError):
+class OutOfVocabularyError(InvalidArgument):
     """Text contains a piece that is not a token of this world's vocabulary."""
 
 
@@ -82,7 +83,7 @@ class WorldTokenizer:
         n = self.config.token_spaces()[space][0]
         if ids.size and (ids.min() < 0 or ids.max() >= n):
             bad = int(ids[(ids < 0) | (ids >= n)][0])
-            raise ValueError(f"{space} {bad} is not in this world: it has {space}s 0..{n - 1}")
+            raise InvalidArgument(f"{space} {bad} is not in this world: it has {space}s 0..{n - 1}")
         digits = np.unravel_index(ids, self.factors[space])
         return np.stack([pos[d] for pos, d in zip(self.positions[space], digits)], axis=-1)
 
@@ -133,7 +134,14 @@ class WorldTokenizer:
 
     def decode(self, token_ids) -> str:
         """Text of `token_ids`, special tokens included, so `encode(decode(ids)) == ids`."""
-        return "".join(self.tokens[int(i)] for i in np.asarray(token_ids).ravel())
+        ids = np.asarray(token_ids).ravel()
+        if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0
+                         or ids.max() >= self.vocab_size):  # fmt: skip
+            raise InvalidArgument(
+                f"token ids must be integers in 0..{self.vocab_size - 1} (this world's "
+                f"vocabulary), got {ids[:8].tolist()}"
+            )
+        return "".join(self.tokens[int(i)] for i in ids)
 
     def check_text(self, text: str) -> None:
         """Raise `OutOfVocabularyError` naming the first piece of `text` that is not a token."""
@@ -160,13 +168,11 @@ class WorldTokenizer:
         """Raise if the tokenizer saved in `path` is not exactly this world's vocabulary."""
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
-            raise FileNotFoundError(
-                f"{file} is missing: a checkpoint carries its world's tokenizer"
-            )
+            raise MissingInput(f"{file} is missing: a checkpoint carries its world's tokenizer")
         saved = Tokenizer.from_file(str(file)).get_vocab(with_added_tokens=True)
         if saved != self.vocab:
             diff = sorted(set(saved.items()) ^ set(self.vocab.items()))[:3]
-            raise ValueError(
+            raise InvalidArgument(
                 f"{file} is from another vocabulary ({len(saved)} tokens vs this world's "
                 f"{len(self.vocab)}; first differences {diff}): load it with the world it was "
                 "trained on"

@@ -8,9 +8,12 @@ second. Clean activations are restored at one site, layer, position group (and h
 
     M = (LD_restored - LD_corrupted) / (LD_clean - LD_corrupted)      (IOI metric, Behemoth eq. 1)
 
-with LD = logit(correct token) - logit(incorrect token). Every patch index of every tuple is one
-row of a stacked batch (`hooks.patch`), so an exact trace is a few large forward passes;
-`method="attribution"` estimates all of it from one forward and backward pass.
+with LD = logit(correct token) - logit(incorrect token). A tuple whose denominator is below
+`TraceConfig.min_denominator` (the corruption did not lower its metric, or barely did; noise can
+even raise it) has no meaningful score: it is kept in `scores` but excluded from `mean`, `top`
+and the maps. Every patch index of every tuple is one row of a stacked batch (`hooks.patch`),
+so an exact trace is a few large forward passes; `method="attribution"` estimates all of it
+from one forward and backward pass.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from behemoth_interp._io import JsonConfig, read_tensor_dir, write_tensor_dir
+from behemoth_interp.errors import InvalidArgument, check_int
 from behemoth_interp.grammar import get_template
 from behemoth_interp.hooks import (
     SITE_KINDS,
@@ -51,6 +55,11 @@ TRACE_FORMAT = "behemoth-trace/1"
 Corruption = Literal["swap", "noise"]
 Metric = Literal["ioi", "logit_diff", "prob"]
 Method = Literal["exact", "attribution"]
+MIN_DENOMINATOR = {"ioi": 1.0, "prob": 0.1}
+"""Default `min_denominator` per metric, in its units: one logit of LD_clean - LD_corrupted for
+'ioi' (a corruption that changes the odds of the correct over the incorrect token by less than
+a factor e has not removed the fact), 0.1 of probability for 'prob' (which bounds |M| by 10,
+since a restoration moves a probability by at most 1). 'logit_diff' has no denominator."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,9 @@ class TraceConfig(JsonConfig):
     metric reads (-1: the last, the paper's choice; 0: the first). metric: 'ioi' (eq. 1),
     'logit_diff' (LD_restored - LD_corrupted, unnormalized) or 'prob' (eq. 1 on the correct
     token's probability). noise: standard deviations of subject embeddings ('noise' corruption).
+    min_denominator: tuples whose clean - corrupted metric (eq. 1's denominator) is below it are
+    excluded from means; None: the metric's default (`MIN_DENOMINATOR`), -inf: keep every tuple.
+    'logit_diff' divides by nothing, so it excludes nothing and takes no threshold.
     """
 
     sites: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_post")
@@ -73,6 +85,7 @@ class TraceConfig(JsonConfig):
     template: str = "paper"
     noise: float = 3.0
     seed: int = 0
+    min_denominator: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("sites", "positions"):
@@ -81,24 +94,39 @@ class TraceConfig(JsonConfig):
                 self, name, (value,) if isinstance(value, (str, int)) else tuple(value)
             )
         if not self.sites:
-            raise ValueError(f"no sites given: choose some of {', '.join(SITE_KINDS)}")
+            raise InvalidArgument(f"no sites given: choose some of {', '.join(SITE_KINDS)}")
         for kind in self.sites:
             if kind not in SITE_KINDS:
-                raise ValueError(f"unknown site {kind!r}: choose some of {', '.join(SITE_KINDS)}")
+                raise InvalidArgument(
+                    f"unknown site {kind!r}: choose some of {', '.join(SITE_KINDS)}"
+                )
         if len(set(self.sites)) != len(self.sites):
-            raise ValueError(f"sites {self.sites} name a site twice")
+            raise InvalidArgument(f"sites {self.sites} name a site twice")
         choices = {"corruption": ("swap", "noise"), "metric": ("ioi", "logit_diff", "prob"),
                    "method": ("exact", "attribution")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(
+                raise InvalidArgument(
                     f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}"
                 )
         get_template(self.template)
         if self.noise <= 0:
-            raise ValueError(
+            raise InvalidArgument(
                 f"noise must be positive (a multiple of the embedding std), got {self.noise}"
             )
+        if self.metric == "logit_diff" and self.min_denominator is not None:
+            raise InvalidArgument(
+                "metric 'logit_diff' has no denominator, so no tuple is excluded: leave "
+                f"min_denominator=None (got {self.min_denominator})"
+            )
+        if self.metric != "logit_diff":
+            given = self.min_denominator
+            threshold = MIN_DENOMINATOR[self.metric] if given is None else float(given)
+            if threshold != threshold:
+                raise InvalidArgument(
+                    "min_denominator is NaN: give a number (-inf keeps every tuple)"
+                )
+            object.__setattr__(self, "min_denominator", threshold)
 
     @property
     def needs_partners(self) -> bool:
@@ -114,7 +142,8 @@ class TraceResult:
     `scores[kind]` is [tuple, layer, position] ([tuple, layer, position, head] for 'head');
     `positions` labels the position axis, `tuples` / `partners` are [n, 3] (partners -1 where
     none was needed), `clean` / `corrupted` the raw metric (logit difference, or probability) of
-    the two reference runs. `mean[kind]` averages over tuples.
+    the two reference runs. `mean[kind]` averages over the tuples not `excluded`: those whose
+    `denominator` (clean - corrupted) is below `config.min_denominator`.
     """
 
     scores: dict[str, Tensor]
@@ -135,8 +164,29 @@ class TraceResult:
         return next(iter(self.scores.values())).shape[1]
 
     @property
+    def denominator(self) -> np.ndarray | None:
+        """Eq. 1's denominator per tuple, clean - corrupted metric; None for 'logit_diff'."""
+        return None if self.config.metric == "logit_diff" else self.clean - self.corrupted
+
+    @property
+    def excluded(self) -> np.ndarray:
+        """Boolean [tuple]: the denominator is below `config.min_denominator`, so the tuple's
+        scores are meaningless and left out of `mean`, `top` and the maps."""
+        if self.denominator is None:
+            return np.zeros(len(self.tuples), dtype=bool)
+        return ~(self.denominator >= self.config.min_denominator)
+
+    @property
+    def n_excluded(self) -> int:
+        return int(self.excluded.sum())
+
+    @property
     def mean(self) -> dict[str, Tensor]:
-        return {k: v.mean(0) for k, v in self.scores.items()}
+        """Scores averaged over the tuples not `excluded`."""
+        keep = torch.as_tensor(~self.excluded)
+        if not keep.any():
+            raise _all_excluded(len(self.tuples), self.config)
+        return {k: v[keep].mean(0) for k, v in self.scores.items()}
 
     def subset(self, rows) -> TraceResult:
         """The result for some tuples only (a boolean mask or indices)."""
@@ -144,7 +194,7 @@ class TraceResult:
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
         if not len(rows):
-            raise ValueError("the subset selects no tuples")
+            raise InvalidArgument("the subset selects no tuples")
         idx = torch.as_tensor(rows)
         return dataclasses.replace(
             self, scores={k: v[idx] for k, v in self.scores.items()}, tuples=self.tuples[rows],
@@ -154,27 +204,29 @@ class TraceResult:
     def for_relation(self, relation: int | str) -> TraceResult:
         """The result for the tuples of one relation, given by id or name ('r0', 'r1~', ...)."""
         if isinstance(relation, str) and relation not in self.relation_names:
-            raise ValueError(
+            raise InvalidArgument(
                 f"unknown relation {relation!r}: choose one of {', '.join(self.relation_names)}"
             )
         rel = self.relation_names.index(relation) if isinstance(relation, str) else relation
         rows = self.tuples[:, 1] == rel
         if not rows.any():
             traced = sorted({self.relation_names[r] for r in self.tuples[:, 1]})
-            raise ValueError(
+            raise InvalidArgument(
                 f"no traced tuple has relation {relation!r}: traced {', '.join(traced)}"
             )
         return self.subset(rows)
 
     def to_dataframe(self, per_tuple: bool = False) -> pd.DataFrame:
-        """Long format: site, layer, position, head (NA off 'head'), score (mean over tuples).
+        """Long format: site, layer, position, head (NA off 'head'), score (mean over the tuples
+        not excluded), n_tuples (how many that is).
 
-        With `per_tuple`, one row per tuple and index, with subject, relation, object and
-        relation_name instead of the mean.
+        With `per_tuple`, one row per tuple and index, with subject, relation, object,
+        relation_name and `excluded` instead of the mean; excluded tuples keep their scores.
         """
         frames = []
+        means = None if per_tuple else self.mean
         for kind, t in self.scores.items():
-            values = t if per_tuple else t.mean(0, keepdim=True)
+            values = t if per_tuple else means[kind][None]
             grid = np.indices(values.shape).reshape(values.ndim, -1)
             frame = pd.DataFrame({
                 "site": kind,
@@ -189,6 +241,9 @@ class TraceResult:
                 frame.insert(0, "relation_name", names)
                 for i, col in enumerate(("subject", "relation", "object")):
                     frame.insert(i, col, rows[:, i])
+                frame["excluded"] = self.excluded[grid[0]]
+            else:
+                frame["n_tuples"] = len(self.tuples) - self.n_excluded
             frames.append(frame)
         return pd.concat(frames, ignore_index=True)
 
@@ -203,7 +258,8 @@ class TraceResult:
         return pd.concat(frames, ignore_index=True)
 
     def top(self, k: int = 10, site: str | None = None) -> pd.DataFrame:
-        """The `k` (site, layer, position, head) indices with the highest mean score."""
+        """The `k` (site, layer, position, head) indices with the highest mean score (over the
+        tuples not excluded)."""
         df = self.to_dataframe()
         if site is not None:
             df = df[df["site"] == site]
@@ -221,6 +277,7 @@ class TraceResult:
         """Plotly heatmaps of the mean score, one panel per site: layers x token positions.
 
         The 'head' panel has one row per (layer, head). Layer 0 is at the top, as in the paper.
+        The title counts the tuples averaged and the excluded ones, with the threshold.
         """
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -229,7 +286,9 @@ class TraceResult:
         sites = list(sites or self.sites)
         for kind in sites:
             if kind not in self.scores:
-                raise ValueError(f"site {kind!r} was not traced: traced {', '.join(self.sites)}")
+                raise InvalidArgument(
+                    f"site {kind!r} was not traced: traced {', '.join(self.sites)}"
+                )
         fig = make_subplots(rows=1, cols=len(sites), subplot_titles=sites, horizontal_spacing=0.08)
         for col, kind in enumerate(sites, start=1):
             m = res.mean[kind].cpu()
@@ -245,7 +304,7 @@ class TraceResult:
             fig.add_trace(heat, 1, col)
             fig.update_yaxes(autorange="reversed", row=1, col=col)
         cfg = self.config
-        what = f"{cfg.method} {cfg.corruption} trace, {cfg.metric} metric, {len(res.tuples)} tuples"
+        what = f"{cfg.method} {cfg.corruption} trace, {cfg.metric} metric, {res._counted()}"
         if relation is not None:
             what += f", relation {relation}"
         rows = max(len(trace.y) for trace in fig.data)
@@ -254,6 +313,15 @@ class TraceResult:
         return fig
 
     plot = heatmap
+
+    def _counted(self) -> str:
+        """'n=24 tuples', or with exclusions 'n=21 of 24 tuples (3 excluded: clean − corrupted
+        < 1)'."""
+        n, k = len(self.tuples), self.n_excluded
+        if not k:
+            return f"n={n} tuples"
+        return (f"n={n - k} of {n} tuples ({k} excluded: clean − corrupted < "
+                f"{self.config.min_denominator:g})")  # fmt: skip
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -269,7 +337,8 @@ class TraceResult:
 
     @classmethod
     def load(cls, path: str | Path) -> TraceResult:
-        """Read a trace written by `save`."""
+        """Read a trace written by `save`. One saved before `min_denominator` existed gets the
+        metric's default threshold (its clean and corrupted metrics are stored)."""
         meta, t = read_tensor_dir(path, "trace.json", "scores.safetensors",
                                   what="trace description", format=TRACE_FORMAT)  # fmt: skip
         return cls(
@@ -284,7 +353,7 @@ class TraceResult:
         shapes = ", ".join(f"{k}{list(v.shape[1:])}" for k, v in self.scores.items())
         c = self.config
         what = f"{c.method} {c.corruption}/{c.metric}"
-        return f"TraceResult({len(self.tuples)} tuples, {what}: {shapes})"
+        return f"TraceResult({self._counted()}, {what}: {shapes})"
 
 
 # ---------------------------------------------------------------------------------- tuples
@@ -294,7 +363,7 @@ def check_tuples(world: World, tuples) -> np.ndarray:
     if facts.ndim == 1 and facts.shape == (3,):
         facts = facts[None]
     if facts.ndim != 2 or facts.shape[1] != 3 or not len(facts):
-        raise ValueError(
+        raise InvalidArgument(
             "tuples must be a non-empty array [n, 3] of (subject, relation, object), "
             f"got shape {facts.shape}"
         )
@@ -303,7 +372,7 @@ def check_tuples(world: World, tuples) -> np.ndarray:
     bad = np.flatnonzero(truth != facts[:, 2])
     if len(bad):
         s, r, o = (int(x) for x in facts[bad[0]])
-        raise ValueError(
+        raise InvalidArgument(
             f"tuple (s={s}, r={r}, o={o}) is not in this world: "
             f"({s}, {world.relation_name(r)}) has object {int(truth[bad[0]])} "
             f"({len(bad)} of {len(facts)} tuples are not facts)"
@@ -316,7 +385,7 @@ def _object_digits(world: World, tokenizer: WorldTokenizer, facts: np.ndarray) -
     spaces = np.array([world.object_space(int(r)) for r in facts[:, 1]], dtype=object)
     k = {tokenizer.n_tokens(s) for s in set(spaces)}
     if len(k) > 1:
-        raise ValueError(
+        raise InvalidArgument(
             "these tuples' objects have different token counts: trace one relation kind at a time"
         )
     out = np.empty((len(facts), k.pop()), dtype=np.int64)
@@ -328,7 +397,7 @@ def _object_digits(world: World, tokenizer: WorldTokenizer, facts: np.ndarray) -
 
 def _token_index(object_token: int, k: int) -> int:
     if not -k <= object_token < k:
-        raise ValueError(
+        raise InvalidArgument(
             f"object_token={object_token}, but objects have {k} tokens: use 0..{k - 1} or -{k}..-1"
         )
     return object_token % k
@@ -381,6 +450,7 @@ def sample_tuples(
     seed: int = 0,
 ) -> np.ndarray:
     """Up to `n_per_relation` tuples of each relation that have a corruption partner, seeded."""
+    check_int("n_per_relation", n_per_relation, 1, option="--n")
     facts = world.facts(relations)
     facts = facts[find_partners(world, facts, object_token=object_token, seed=seed)[:, 0] >= 0]
     rng = np.random.default_rng(seed)
@@ -396,7 +466,7 @@ def _check_partners(
 ) -> np.ndarray:
     partners = check_tuples(world, partners)
     if partners.shape != facts.shape:
-        raise ValueError(
+        raise InvalidArgument(
             f"partners must match the tuples row for row: got {len(partners)} "
             f"for {len(facts)} tuples"
         )
@@ -409,7 +479,7 @@ def _check_partners(
     )
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
+        raise InvalidArgument(
             f"partner {tuple(partners[i].tolist())} of tuple {tuple(facts[i].tolist())} is not "
             "a valid corruption: it needs the same relation, another subject, and an object that "
             f"shares the tokens before object token {j} and differs at it (see find_partners)"
@@ -420,7 +490,7 @@ def _check_partners(
 def _world_of(model: HookedTransformer, world: World | None) -> tuple[World, WorldTokenizer]:
     world = world if world is not None else getattr(model, "world", None)
     if world is None:
-        raise ValueError(
+        raise InvalidArgument(
             "the model carries no world: load it with bi.load_model(checkpoint) or pass world="
         )
     tokenizer = WorldTokenizer(world.config)
@@ -431,7 +501,7 @@ def _world_of(model: HookedTransformer, world: World | None) -> tuple[World, Wor
         None,
         world.config.token_spaces(),
     ):
-        raise ValueError(
+        raise InvalidArgument(
             f"the model's tokenizer is not this world's: the model has {model.cfg.d_vocab} tokens "
             f"laid out for {layout}, the world needs {tokenizer.vocab_size} laid out for "
             f"{world.config.token_spaces()} (entities, tokens each). Trace a model with the world "
@@ -455,6 +525,7 @@ def trace(
     partners: np.ndarray | None = None,
     noise: float = 3.0,
     seed: int = 0,
+    min_denominator: float | None = None,
     batch_size: int = 1024,
     world: World | None = None,
 ) -> TraceResult:
@@ -463,13 +534,14 @@ def trace(
     Restores clean activations at every layer of each site kind and each position group in a
     corrupted run and scores the recovery with `metric` (see `TraceConfig`). `partners` [n, 3]
     overrides the seeded choice of `find_partners`; `method="attribution"` replaces the patched
-    runs by a first-order estimate. `batch_size` is rows per forward pass. Returns a TraceResult.
+    runs by a first-order estimate. Tuples whose clean - corrupted metric is below
+    `min_denominator` are left out of the means (raises if that is all of them). `batch_size` is
+    rows per forward pass. Returns a TraceResult.
     """
-    config = TraceConfig(
-        sites, positions, corruption, metric, method, object_token, template, noise, seed
-    )
+    config = TraceConfig(sites, positions, corruption, metric, method, object_token, template,
+                         noise, seed, min_denominator)  # fmt: skip
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise InvalidArgument(f"batch_size must be at least 1, got {batch_size}")
     run = _Runs.build(model, tuples, config, partners, world)
     labels, groups = run.clean.positions(config.positions)
     all_sites = [Site(kind, layer) for kind in config.sites for layer in range(model.cfg.n_layers)]
@@ -483,6 +555,8 @@ def trace(
     corrupt = capture(model, run.corrupted, [*all_sites, *streams], patches=noised, grad_of=grad_of,
                       keep_kv=method == "exact")  # fmt: skip
     v_corrupt = run.value(corrupt.logits)
+    if metric != "logit_diff" and not bool((v_clean - v_corrupt >= config.min_denominator).any()):
+        raise _all_excluded(len(v_clean), config)
     scale = v_clean - v_corrupt if metric != "logit_diff" else torch.ones_like(v_clean)
     if method == "exact":
         scores = _exact(
@@ -495,6 +569,16 @@ def trace(
         relation_names=tuple(run.world.relation_name(r) for r in range(run.world.n_relations)),
         clean=v_clean.cpu().numpy(), corrupted=v_corrupt.cpu().numpy(), config=config,
     )  # fmt: skip
+
+
+def _all_excluded(n: int, config: TraceConfig) -> ValueError:
+    what = "LD_clean − LD_corrupted" if config.metric == "ioi" else "p_clean − p_corrupted"
+    return ValueError(
+        f"all {n} tuples are excluded: their {what} (the denominator of eq. 1) is below "
+        f"min_denominator={config.min_denominator:g}: the corruption did not lower the metric by "
+        "that much, so no score means anything. Use swap corruption or more noise, tuples the "
+        "model knows, or a lower min_denominator (-inf keeps every tuple)"
+    )
 
 
 @dataclass
@@ -522,7 +606,7 @@ class _Runs:
             partners = find_partners(world, facts, object_token=j, seed=config.seed)
             missing = np.flatnonzero(partners[:, 0] < 0)
             if len(missing):
-                raise ValueError(
+                raise InvalidArgument(
                     f"{len(missing)} of {len(facts)} tuples have no corruption partner (first "
                     f"{tuple(facts[missing[0]].tolist())}): no other subject of the relation has "
                     f"an object sharing the tokens before object token {j} and differing at it. "
@@ -586,7 +670,7 @@ def _exact(
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if not model.cfg.parallel_attn_mlp:
-        raise ValueError("exact tracing assumes parallel attention and MLP (GPT-NeoX blocks)")
+        raise InvalidArgument("exact tracing assumes parallel attention and MLP (GPT-NeoX blocks)")
     scores, todo = {}, []
     for ki, kind in enumerate(kinds):
         heads = (n_heads,) if kind == "head" else ()

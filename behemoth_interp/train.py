@@ -22,13 +22,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import GPTNeoXForCausalLM
 
-from behemoth_interp._io import JsonConfig, read_json, write_dir, write_json
+from behemoth_interp._io import (
+    JsonConfig,
+    check_output,
+    output_lock,
+    read_json,
+    write_dir,
+    write_json,
+)
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, count_blocks, load_world
+from behemoth_interp.errors import (
+    CheckpointMismatch,
+    Diverged,
+    InvalidArgument,
+    MissingInput,
+    check_int,
+    check_range,
+)
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import OBJECT, PAD_ROLE
-from behemoth_interp.model import build_model, get_preset, write_checkpoint
+from behemoth_interp.model import build_model, get_preset, is_checkpoint, load_hf, write_checkpoint
 from behemoth_interp.world import World, WorldConfig
 
 TRAIN_STATE = "training_state.pt"
@@ -66,28 +80,27 @@ class TrainConfig(JsonConfig):
     def __post_init__(self) -> None:
         get_preset(self.preset)
         if self.epochs is None and self.steps is None:
-            raise ValueError("give epochs or steps: the run needs a length")
-        if (self.steps is not None and self.steps < 1) or (
-            self.epochs is not None and self.epochs < 1
-        ):
-            raise ValueError(
-                f"steps and epochs must be positive (steps={self.steps}, epochs={self.epochs})"
-            )
-        if self.lr <= 0 or self.batch_size < 1:
-            raise ValueError(
-                f"lr must be > 0 and batch_size >= 1 (lr={self.lr}, batch_size={self.batch_size})"
-            )
+            raise InvalidArgument("give epochs or steps: the run needs a length")
+        for name in ("steps", "epochs"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        check_range("lr", self.lr, 0, low_open=True)
+        check_int("batch_size", self.batch_size, 1)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_int("warmup_steps", self.warmup_steps, 0, option="--warmup")
+        check_range("grad_clip", self.grad_clip, 0)
+        check_int("eval_every", self.eval_every, 1)
+        check_int("eval_facts", self.eval_facts, 1)
+        check_int("save_every", self.save_every, 0)
+        check_int("warm_steps", self.warm_steps, 0)
+        check_range("warm_fraction", self.warm_fraction, 0, 1, low_open=True)
+        check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"unknown schedule {self.schedule!r}: choose 'constant' or 'cosine'")
-        if self.loss_on not in ("all", "object"):
-            raise ValueError(f"unknown loss_on {self.loss_on!r}: choose 'all' or 'object'")
-        if self.warm_steps < 0 or not 0 < self.warm_fraction <= 1:
-            raise ValueError(
-                f"warm_steps must be >= 0 and warm_fraction in (0, 1] "
-                f"(got {self.warm_steps}, {self.warm_fraction})"
+            raise InvalidArgument(
+                f"unknown schedule {self.schedule!r}: choose 'constant' or 'cosine'"
             )
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.loss_on not in ("all", "object"):
+            raise InvalidArgument(f"unknown loss_on {self.loss_on!r}: choose 'all' or 'object'")
 
     def lr_at(self, step: int, total: int) -> float:
         """Learning rate of optimizer step `step` (0-based) in a run of `total` steps."""
@@ -105,7 +118,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available: use --device cpu")
+        raise InvalidArgument(
+            f"device {device!r} asked for but CUDA is not available: use --device cpu"
+        )
     return torch.device(device)
 
 
@@ -179,7 +194,9 @@ class Schedule:
             limit = np.array([world.n_subjects_of(r) for r in range(world.n_relations)])
             keep = subject < np.ceil(config.warm_fraction * limit[relation])
             if not keep.any():
-                raise ValueError("warm_fraction keeps no sentence: raise it or set warm_steps=0")
+                raise InvalidArgument(
+                    "warm_fraction keeps no sentence: raise it or set warm_steps=0"
+                )
             self.warm = EpochBatches(
                 corpus, config.batch_size, [config.seed, 2], pad_id, eot_id, keep
             )
@@ -207,22 +224,53 @@ def train(
     *,
     device: str = "auto",
     resume: bool = False,
+    overwrite: bool = False,
     stop_at: int | None = None,
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Train on the corpus in `world_dir/corpus` and write a checkpoint directory to `out`.
 
-    With `resume=True` and a checkpoint with optimizer state in `out`, training continues from
-    its step. `stop_at` ends the run after that step with a resumable checkpoint, as an
-    interruption would (for running long trainings in chunks). Returns the training log
-    (also written to `out/train_log.json`).
+    `out` must be empty or absent; `overwrite=True` replaces a checkpoint there (never a
+    directory that is not a checkpoint). With `resume=True`, `out` must hold a checkpoint with
+    optimizer state (written by `save_every` or `stop_at`), and training continues from its
+    step exactly. `stop_at` ends the run after that step with a resumable checkpoint, as an
+    interruption would (for running long trainings in chunks). The process holds `out`'s
+    lock throughout: a second writer is refused. A non-finite loss stops the run with
+    `Diverged`. Returns the training log (also written to `out/train_log.json`).
     """
+    out = Path(out)
+    with output_lock(out):
+        if resume:
+            _check_resumable(out)
+        else:
+            check_output(out, overwrite=overwrite, replaceable=is_checkpoint, what="--out")
+        return _train(world_dir, out, config, device=device, resume=resume, stop_at=stop_at,
+                      progress=progress, command=command)  # fmt: skip
+
+
+def _check_resumable(out: Path) -> None:
+    if not (out / TRAIN_LOG).is_file():
+        raise MissingInput(
+            f"--resume: {out} holds no training run to resume (no {TRAIN_LOG}): leave out "
+            "--resume to start one"
+        )
+    if not (out / TRAIN_STATE).is_file():
+        raise InvalidArgument(
+            f"--resume: {out} was saved without optimizer state (a final checkpoint written with "
+            "--no-optimizer), so it cannot continue exactly: train a new run (--force replaces "
+            "it), or keep intermediate states with --save-every"
+        )
+
+
+def _train(world_dir, out: Path, config: TrainConfig, *, device: str, resume: bool,
+           stop_at: int | None, progress: bool, command: str | None) -> dict[str, Any]:  # fmt: skip
     world, tokenizer = load_world(world_dir)
     corpus = Corpus.load(Path(world_dir) / "corpus")
     dev = resolve_device(device)
     shape = dataclasses.replace(get_preset(config.preset), n_ctx=max(corpus.config.block_len, 64))
     model = build_model(shape, tokenizer, config.seed).to(dev)
+    model.config.behemoth_world = world.fingerprint
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -237,8 +285,7 @@ def train(
                            "world": world.config.to_dict(), "corpus": corpus.config.to_dict(),
                            "command": command, "device": str(dev), "history": [], "wall_seconds": 0.0}  # fmt: skip
     step = 0
-    out = Path(out)
-    if resume and (out / TRAIN_STATE).is_file():
+    if resume:
         step, log = _restore(out, model, opt, config, world)
     batches = Schedule(corpus, world, config, tokenizer.pad_id, tokenizer.eot_id)
     total = batches.total
@@ -265,6 +312,13 @@ def train(
         with autocast:
             logits = model(input_ids=x[:, :-1]).logits
         loss = F.cross_entropy(logits.float()[mask], x[:, 1:][mask])
+        if not torch.isfinite(loss):
+            bar.close()
+            raise Diverged(
+                f"training diverged: the loss is {loss.item()} at step {step + 1} (lr "
+                f"{config.lr_at(step, total):g}); nothing was saved for this step. Lower --lr "
+                "(the shipped models use 2e-3 with --warmup 200)"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
@@ -301,6 +355,11 @@ def train(
 
 def _save(out: Path, model, opt, world, log: dict, with_state: bool) -> None:
     step = log["step"]
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise Diverged(
+            f"training diverged: weights are NaN or infinite at step {step}; the checkpoint in "
+            f"{out} was left as it was. Lower --lr"
+        )
 
     def fill(tmp: Path) -> None:
         write_checkpoint(tmp, model, world)
@@ -309,26 +368,31 @@ def _save(out: Path, model, opt, world, log: dict, with_state: bool) -> None:
             torch.save({"step": step, "optimizer": opt.state_dict()}, tmp / TRAIN_STATE)
         write_json(tmp / TRAIN_LOG, log)
 
-    write_dir(out, fill, overwrite=True)
+    write_dir(out, fill, overwrite=True, replaceable=is_checkpoint)
 
 
 def _restore(out: Path, model, opt, config: TrainConfig, world) -> tuple[int, dict]:
     log = read_json(out / TRAIN_LOG, what="training log")
     if log["world"] != world.config.to_dict():
-        raise ValueError(f"{out} was trained on another world: resume with the world it came from")
+        raise InvalidArgument(
+            f"{out} was trained on another world: resume with the world it came from"
+        )
     length = {"steps": None, "epochs": None}  # the only settings a resumed run may change
     if {**log["train"], **length} != {**config.to_dict(), **length}:
-        raise ValueError(
+        raise InvalidArgument(
             f"{out} was trained with other settings: resume only changes the run length"
         )
-    # from_pretrained, not the raw file: HF renames some weights on save (lm_head <-> embed_out)
-    saved_model = GPTNeoXForCausalLM.from_pretrained(
-        str(out), local_files_only=True, dtype=torch.float32
-    )
+    # load_hf, not the raw file: it checks the files' hashes, and HF renames some weights on
+    # save (lm_head <-> embed_out)
+    saved_model, saved_world, _ = load_hf(out)
+    if saved_world != world:
+        raise CheckpointMismatch(
+            f"{out} was trained on another world: resume with the world it came from"
+        )
     try:
         model.load_state_dict(saved_model.state_dict())
     except RuntimeError as err:
-        raise ValueError(
+        raise InvalidArgument(
             f"{out}/model.safetensors is not a checkpoint of this model shape: {err}"
         ) from None
     saved = torch.load(out / TRAIN_STATE, map_location=next(model.parameters()).device)
@@ -357,7 +421,7 @@ def capacity_search(
     probes in order, each {'n_subjects', 'accuracy', 'reached'}; the paper's method (4.5).
     """
     if not 1 <= low <= high:
-        raise ValueError(f"need 1 <= low <= high, got low={low}, high={high}")
+        raise InvalidArgument(f"need 1 <= low <= high, got low={low}, high={high}")
     probes: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for i in range(iterations):

@@ -12,6 +12,8 @@ R..2R-1 and implied relations 2R..3R-1 (relation r's partners are R + r and 2R +
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from behemoth_interp._io import JsonConfig, read_json, write_dir, write_json
+from behemoth_interp.errors import CorruptFile, InvalidArgument, MissingInput
 
 Distribution = Literal["independent", "correlated", "nested"]
 TupleKind = Literal["base", "nested", "implied"]
@@ -79,40 +82,40 @@ class WorldConfig(JsonConfig):
     def __post_init__(self) -> None:
         object.__setattr__(self, "correlated", tuple(self.correlated))
         if self.distribution not in ("independent", "correlated", "nested"):
-            raise ValueError(
+            raise InvalidArgument(
                 f"unknown distribution {self.distribution!r}: "
                 "choose 'independent', 'correlated' or 'nested'"
             )
         for name in ("n_subjects", "n_relations", "n_objects", "n_nested_objects"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise InvalidArgument(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("subject_tokens", "relation_tokens", "object_tokens", "nested_tokens"):
             if not 1 <= getattr(self, name) <= 4:
-                raise ValueError(
+                raise InvalidArgument(
                     f"{name} must be 1..4 tokens per entity, got {getattr(self, name)}"
                 )
         if self.distribution == "correlated":
             if len(self.correlated) != 2:
-                raise ValueError(
+                raise InvalidArgument(
                     f"correlated={self.correlated} must name exactly two relations, e.g. (0, 1)"
                 )
             r1, r2 = self.correlated
             if self.n_relations < 2:
-                raise ValueError(
+                raise InvalidArgument(
                     f"a correlated world needs at least 2 relations, got n_relations={self.n_relations}"
                 )
             if r1 == r2 or not (0 <= r1 < self.n_relations and 0 <= r2 < self.n_relations):
-                raise ValueError(
+                raise InvalidArgument(
                     f"correlated={self.correlated} must name two different relations "
                     f"in 0..{self.n_relations - 1}"
                 )
             if self.n_objects < 2:
-                raise ValueError(
+                raise InvalidArgument(
                     "a correlated world binarizes two relations: n_objects must be >= 2"
                 )
         needed = sum(sum(entity_factors(n, k)) for n, k in self.token_spaces().values())
         if needed + N_FILLERS > FOUR_DIGIT_SPACE:
-            raise ValueError(
+            raise InvalidArgument(
                 f"this world needs {needed} entity tokens plus {N_FILLERS} fillers, more than the "
                 f"{FOUR_DIGIT_SPACE} four-digit tokens: use fewer entities or more tokens per entity"
             )
@@ -172,19 +175,23 @@ class World:
     def _validate(self) -> None:
         c = self.config
         if self.objects.shape != (c.n_subjects, c.n_relations):
-            raise ValueError(
+            raise InvalidArgument(
                 f"objects table has shape {self.objects.shape}, the config says "
                 f"({c.n_subjects}, {c.n_relations})"
             )
         if self.objects.min() < 0 or self.objects.max() >= c.n_objects:
-            raise ValueError(f"objects must lie in 0..{c.n_objects - 1}")
+            raise InvalidArgument(f"objects must lie in 0..{c.n_objects - 1}")
         if (self.nested_map is None) != (c.distribution != "nested"):
-            raise ValueError("a nested world needs a nested map, and only a nested world has one")
+            raise InvalidArgument(
+                "a nested world needs a nested map, and only a nested world has one"
+            )
         if self.nested_map is not None:
             if self.nested_map.shape != (c.n_relations, c.n_objects):
-                raise ValueError(f"nested map must have shape ({c.n_relations}, {c.n_objects})")
+                raise InvalidArgument(
+                    f"nested map must have shape ({c.n_relations}, {c.n_objects})"
+                )
             if self.nested_map.min() < 0 or self.nested_map.max() >= c.n_nested_objects:
-                raise ValueError(f"nested objects must lie in 0..{c.n_nested_objects - 1}")
+                raise InvalidArgument(f"nested objects must lie in 0..{c.n_nested_objects - 1}")
 
     # ------------------------------------------------------------------ relations and spaces
     @property
@@ -224,7 +231,7 @@ class World:
 
     def _check_relation(self, relation: int) -> None:
         if not 0 <= relation < self.n_relations:
-            raise ValueError(
+            raise InvalidArgument(
                 f"relation {relation} is not in this world: it has relations 0..{self.n_relations - 1}"
             )
 
@@ -244,7 +251,7 @@ class World:
         if s.size and ((s < 0) | (s >= n_subj)).any():
             i = int(np.flatnonzero(((s < 0) | (s >= n_subj)).ravel())[0])
             rel = int(r.ravel()[i])
-            raise ValueError(
+            raise InvalidArgument(
                 f"subject {int(s.ravel()[i])} is not in this world for relation "
                 f"{self.relation_name(rel)}: it has subjects 0..{self.n_subjects_of(rel) - 1}"
             )
@@ -263,7 +270,7 @@ class World:
         """The world's tuple for (subject, relation); if `obj` is given it must be the true one."""
         true = self.object_of(subject, relation)
         if obj is not None and obj != true:
-            raise ValueError(
+            raise InvalidArgument(
                 f"tuple (s={subject}, r={relation}, o={obj}) is not in this world: "
                 f"({subject}, {self.relation_name(relation)}) has object {true}"
             )
@@ -345,10 +352,11 @@ class World:
         config = WorldConfig.from_dict(meta["config"])
         facts_path = path / "facts.parquet"
         if not facts_path.is_file():
-            raise FileNotFoundError(
-                f"{facts_path} is missing: the world's facts table belongs there"
-            )
-        t = pq.read_table(facts_path)
+            raise MissingInput(f"{facts_path} is missing: the world's facts table belongs there")
+        try:
+            t = pq.read_table(facts_path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise CorruptFile(f"{facts_path} cannot be read as a facts table ({err})") from None
         s, r, o = (
             t.column(n).to_numpy().astype(np.int64) for n in ("subject", "relation", "object")
         )
@@ -364,11 +372,25 @@ class World:
             nested_map[r[n] - R, s[n]] = o[n]
         world = cls(config, objects, nested_map)
         if not np.array_equal(world.facts(), np.stack([s, r, o], axis=1)):
-            raise ValueError(
+            raise InvalidArgument(
                 f"{facts_path} does not match its config: a tuple is missing, duplicated, "
                 "or an implied tuple disagrees with its base and nested tuples"
             )
         return world
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the config and every fact: equal fingerprints mean the same world.
+
+        Checkpoints record it, so a model is never evaluated or edited against a world it was
+        not trained on."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+            h.update(self.objects.tobytes())
+            if self.nested_map is not None:
+                h.update(self.nested_map.tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, World):

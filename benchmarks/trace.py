@@ -103,7 +103,11 @@ def main() -> None:
     exact = {}
     ours_total = tl_total = 0.0
     for kind in SITE_KINDS:
-        result, ours = _timed(lambda kind=kind: trace(model, tuples, sites=(kind,)))
+        # every tuple, as TransformerLens averages them (an untrained fallback model may have
+        # tiny denominators that the default threshold would leave out)
+        result, ours = _timed(
+            lambda kind=kind: trace(model, tuples, sites=(kind,), min_denominator=float("-inf"))
+        )
         reference, tl = _timed(
             lambda kind=kind, partners=result.partners: _tl_trace(model, tuples, partners, kind)
         )

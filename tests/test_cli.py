@@ -76,7 +76,7 @@ def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
         (["--distribution", "correlated", "--relations", "1"],
          "error: a correlated world needs at least 2 relations, got n_relations=1"),
         (["--grammar", "sonnet=1"], "error: unknown template 'sonnet': choose one of "
-                                    "['compact', 'fronted', 'mcq', 'paper', 'relation_first']"),
+                                    f"{sorted(TEMPLATES)}"),
     ],
 )  # fmt: skip
 def test_bad_config_prints_one_line_and_exits_2(tmp_path, monkeypatch, capsys, args, message):
@@ -95,7 +95,8 @@ def test_existing_directory_and_missing_world_exit_2(tmp_path, monkeypatch, caps
     code, _, stderr = _main(monkeypatch, capsys, "world", "new", "--out", str(out), *SMALL_ARGS)
     assert (code, stderr) == (
         2,
-        f"error: {out} exists and is not empty: pass overwrite=True or --force\n",
+        f"error: --out {out} exists and is not empty: choose another path, or pass --force "
+        "(overwrite=True) to replace it\n",
     )
     code, _, _ = _main(
         monkeypatch, capsys, "world", "new", "--out", str(out), "--force", *SMALL_ARGS
@@ -114,3 +115,86 @@ def test_demo_on_the_shipped_model(tmp_path):
     assert "top1/r0" in result.output and "causal tracing of 4 tuples" in result.output
     report = out.read_text()
     assert "<html>" in report and "plotly" in report.lower() and "resid_pre" in report
+
+
+# ------------------------------------------------------------------ arguments mean what they say
+@pytest.fixture(scope="module")
+def micro_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "w"
+    assert runner.invoke(app, ["world", "new", "--out", str(out), *SMALL_ARGS]).exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "epochs (--epochs) must be >= 1, got 0"),
+        (["--steps", "0"], "steps (--steps) must be >= 1, got 0"),
+        (["--eval-every", "0"], "eval_every (--eval-every) must be >= 1, got 0"),
+        (["--save-every", "-1"], "save_every (--save-every) must be >= 0, got -1"),
+        (["--warmup", "-5"], "warmup_steps (--warmup) must be >= 0, got -5"),
+        (["--weight-decay", "-0.1"], "weight_decay (--weight-decay) must be >= 0, got -0.1"),
+        (["--warm-fraction", "0"], "warm_fraction (--warm-fraction) must be > 0 and <= 1, got 0.0"),
+        (["--lr", "0"], "lr (--lr) must be > 0, got 0.0"),
+        (["--resume", "--force"], "--resume continues the run in --out and --force replaces it: pick one"),
+    ],
+)  # fmt: skip
+def test_bad_train_arguments(micro_world, tmp_path, monkeypatch, capsys, args, message):
+    out = tmp_path / "m"
+    code, stdout, stderr = _main(monkeypatch, capsys, "train", str(micro_world), "--out",
+                                 str(out), "--preset", "tiny", *args)  # fmt: skip
+    assert (code, stderr) == (2, f"error: {message}\n")
+    assert not out.exists()
+
+
+def test_train_leaves_an_occupied_out_untouched(micro_world, tmp_path, monkeypatch, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "data.csv").write_text("1,2,3")
+    for extra in ([], ["--force"]):
+        code, _, stderr = _main(monkeypatch, capsys, "train", str(micro_world), "--out",
+                                str(user), "--preset", "tiny", "--steps", "2", *extra)  # fmt: skip
+        assert code == 2 and stderr.startswith(f"error: --out {user}") and stderr.count("\n") == 1
+    assert [p.name for p in user.iterdir()] == ["data.csv"]
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["trace", "--relation", "a"], "--relation takes integers separated by commas"),
+        (["trace", "--n", "-3"], "n_per_relation (--n) must be >= 1, got -3"),
+        (["edit", "--n", "0"], "n (--n) must be >= 1, got 0"),
+        (["edit", "--max-remaining", "0"], "max_remaining (--max-remaining) must be >= 1, got 0"),
+        (["edit", "--blocks", "1.5"], "--blocks takes integers separated by commas"),
+        (["edit", "--task", "ten_same", "--n", "50"], "no object of relation r0 is shared by 50"),
+    ],
+)  # fmt: skip
+def test_bad_analysis_arguments(micro_checkpoint, tmp_path, monkeypatch, capsys, command, message):
+    name, *rest = command
+    out = tmp_path / ("out.html" if name == "trace" else "out")
+    code, _, stderr = _main(monkeypatch, capsys, name, str(micro_checkpoint), "--out", str(out),
+                            *rest)  # fmt: skip
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert message in stderr
+    assert not out.exists()
+
+
+def test_html_outputs_are_checked_before_the_work(micro_checkpoint, tmp_path, monkeypatch, capsys):
+    (tmp_path / "page.html").write_text("<html>a user's page</html>")
+    for html in (tmp_path / "page.html", tmp_path / "page.html" / "x.html"):
+        code, _, stderr = _main(monkeypatch, capsys, "edit", str(micro_checkpoint), "--out",
+                                str(tmp_path / "e"), "--html", str(html))  # fmt: skip
+        assert code == 2 and "--html" in stderr, stderr
+    assert (tmp_path / "page.html").read_text() == "<html>a user's page</html>"
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import behemoth_interp.cli as cli
+
+    def broken() -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "app", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        cli.main()

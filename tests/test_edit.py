@@ -24,6 +24,8 @@ from behemoth_interp.edit import (
     select_lr,
     trainable_parameters,
 )
+from behemoth_interp.errors import CheckpointMismatch, Diverged, InvalidArgument
+from behemoth_interp.grammar import PARAPHRASES, edit_choices
 from behemoth_interp.model import PRESETS, build_model
 from behemoth_interp.rank import COMPONENTS, move_rank
 
@@ -339,10 +341,18 @@ def test_select_lr_prefers_success_then_remaining(micro_hf):
 
 # ------------------------------------------------------------------ objectives
 def test_localized_objective_overrides(micro_hf):
+    """Over seeds 0-7 (torch 2.13.0, the lock's versions) the micro model's single overrides
+    with the localized loss all succeed and keep 0.911-1.000 of the other 79 tuples (mean
+    0.964; one tuple is 0.013): asserted over seeds 0-4 (measured min 0.937, mean 0.975) with
+    that margin, not on one seed's value."""
     hf, world, _ = micro_hf
-    task = EditTask.draw(world, "single", seed=0, correct=hf)
-    r = edit(hf, task, objective="localized", weights=(1, 1, 0)).report
-    assert r.success_top1 == 1.0 and r.remaining >= r.remaining_before - 0.02
+    remaining = []
+    for seed in range(5):
+        task = EditTask.draw(world, "single", seed=seed, correct=hf)
+        r = edit(hf, task, objective="localized", weights=(1, 1, 0), seed=seed).report
+        assert r.success_top1 == 1.0 and r.remaining_before == 1.0, seed
+        remaining.append(r.remaining)
+    assert min(remaining) >= 0.90 and np.mean(remaining) >= 0.94, remaining
     assert r.settings["objective"] == "localized" and r.settings["weights"] == [1.0, 1.0, 0.0]
 
 
@@ -407,8 +417,13 @@ def test_nested_report_scores_implied_tuples(worlds):
     deps, followed = task.dependents()
     moved = deps.copy()
     moved[:, 2] = followed
-    assert report.dependent_kept == evaluate_facts(model, world, tok, deps).accuracy
-    assert report.dependent_followed == evaluate_facts(model, world, tok, moved).accuracy
+    must = followed != deps[:, 2]  # an implied object that stays the same says nothing
+    assert report.dependent_followed_all == evaluate_facts(model, world, tok, moved).accuracy
+    if must.any():
+        assert report.dependent_kept == evaluate_facts(model, world, tok, deps[must]).accuracy
+        assert report.dependent_followed == evaluate_facts(model, world, tok, moved[must]).accuracy
+    else:
+        assert report.dependent_kept is None and report.dependent_followed is None
     assert report.remaining == evaluate_facts(model, world, tok, task.unchanged()).accuracy
     assert report.remaining_before is None and report.changed == {}
 
@@ -448,3 +463,52 @@ def test_checkpoint_paths_and_fact_accuracy_masks(micro_checkpoint, micro_hf, wo
     other = EditTask.draw(worlds["independent"][0], "single")
     with pytest.raises(ValueError, match="trained on another world than the task's"):
         edit(micro_checkpoint, other)
+
+
+# ------------------------------------------------------------------ numbers that can be trusted
+def test_a_diverged_edit_is_an_error_and_never_selected(micro_hf):
+    hf, world, _ = micro_hf
+    task = EditTask.draw(world, "single", seed=0, correct=hf)
+    with pytest.raises(Diverged, match="the edit diverged"):
+        edit(hf, task, lr=1e12)
+    search = select_lr(hf, task, lrs=(1e12, 3e-4), seed=0)
+    assert search.best_lr == 3e-4 and np.isnan(search.success[0])
+    assert search.best.report.success_top1 == 1.0
+    with pytest.raises(Diverged, match="every learning rate"):
+        select_lr(hf, task, lrs=(1e12,))
+
+
+def test_edit_refuses_another_worlds_task_and_fractional_blocks(micro_hf, worlds):
+    hf, world, _ = micro_hf
+    other = EditTask.draw(worlds["independent"][0], "single")
+    with pytest.raises(CheckpointMismatch, match="another world"):
+        edit(hf, other)
+    task = EditTask.draw(world, "single", seed=0)
+    with pytest.raises(InvalidArgument, match=r"blocks must be integer block indices, got \[1.5\]"):
+        edit(hf, task, blocks=[1.5])
+    with pytest.raises(InvalidArgument, match=r"max_remaining \(--max-remaining\) must be >= 1"):
+        edit(hf, task, max_remaining=0)
+
+
+def test_forget_success_counts_only_tuples_that_had_to_change(micro_hf):
+    """Forgetting maps every tuple of r to object 0; the tuples already at object 0 would be
+    'successes' of any model, so success is over the others (the raw rate is kept beside)."""
+    hf, world, tok = micro_hf
+    task = EditTask.draw(world, "forget", relation=0)
+    assert (~task.changed).any() and task.changed.any()
+    r = evaluate_edit(hf, task, before=hf)  # the unedited model: nothing was forgotten
+    assert r.success_top1 == 0.0 and r.forget_rate == 0.0
+    assert r.success_top1_all == pytest.approx((~task.changed).mean())
+    at_target = evaluate_facts(hf, world, tok, task.edited).top(1)
+    assert r.success_top1_all == pytest.approx(at_target.mean())
+
+
+def test_formats_are_scored_beside_their_pre_edit_baselines(micro_hf):
+    hf, world, tok = micro_hf
+    task = EditTask.draw(world, "ten_different", seed=1, n=4, correct=hf)
+    r = edit(hf, task).report
+    assert set(r.template_before) == set(r.template_success) == {*PARAPHRASES, "mcq"}
+    choices = edit_choices(world, task.facts, task.targets)
+    before = evaluate_facts(hf, world, tok, task.facts, template="mcq", choices=choices)
+    assert r.template_before["mcq"] == before.accuracy
+    assert {f"before/{t}" for t in r.template_before} <= set(r.metrics())

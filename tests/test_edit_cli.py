@@ -83,3 +83,24 @@ def test_edit_command_picks_rome_site(micro_checkpoint, tmp_path, monkeypatch, c
                            "object", "--out", tmp_path / "bad")  # fmt: skip
     assert code == 2 and "--rome-position is for --method rome, not finetune" in stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_diverged_edit_exits_2_and_writes_nothing(
+    micro_checkpoint, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    from behemoth_interp.cli import main
+
+    out = tmp_path / "edited"
+    monkeypatch.setattr(sys, "argv", ["behemoth-interp", "edit", str(micro_checkpoint), "--out",
+                                      str(out), "--lr", "1e12"])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert (
+        exit_.value.code == 2
+        and err.startswith("error: the edit diverged")
+        and err.count("\n") == 1
+    )
+    assert not out.exists()

@@ -184,7 +184,9 @@ def test_bad_templates(pattern, message):
 
 def test_render_rejects_bad_input(small):
     world, tok = small
-    with pytest.raises(ValueError, match=r"unknown template 'haiku': choose one of \['compact'"):
+    with pytest.raises(
+        ValueError, match=r"unknown template 'haiku': choose one of \['bare', 'compact'"
+    ):
         render(world, tok, [[0, 0, 0]], "haiku")
     with pytest.raises(ValueError, match="unknown template 'haiku'"):
         get_template("haiku")

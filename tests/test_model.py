@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from behemoth_interp import CorpusConfig, WorldConfig, WorldTokenizer, build_world, load_model
+from behemoth_interp.errors import BehemothError, CheckpointMismatch, CorruptFile
 from behemoth_interp.evaluate import evaluate_facts
-from behemoth_interp.model import PRESETS, ModelConfig, build_model, load_hf, to_hooked
+from behemoth_interp.model import (
+    PRESETS,
+    ModelConfig,
+    build_model,
+    hooked_in_world,
+    load_hf,
+    to_hooked,
+)
 from behemoth_interp.train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -103,19 +111,27 @@ def test_checkpoint_missing_a_file(checkpoint, tmp_path):
         load_model(broken)
 
 
-def test_checkpoint_from_another_vocabulary(checkpoint, tmp_path):
+@pytest.mark.parametrize("record", [True, False], ids=["recorded", "legacy"])
+def test_checkpoint_from_another_vocabulary(checkpoint, tmp_path, record):
+    """With checkpoint.json the changed file is named by its hash; a legacy checkpoint without
+    the record still has its tokenizer and vocabulary size checked."""
     foreign = tmp_path / "foreign"
     shutil.copytree(checkpoint, foreign)
+    if not record:
+        (foreign / "checkpoint.json").unlink()
     WorldTokenizer(WorldConfig(n_subjects=500)).save(foreign)
-    with pytest.raises(ValueError, match="another vocabulary"):
+    match = "tokenizer.json is not the file" if record else "another vocabulary"
+    with pytest.raises(CheckpointMismatch if record else ValueError, match=match):
         load_model(foreign)
     # a consistent world and tokenizer but weights of another vocabulary size
     other = tmp_path / "other_weights"
     shutil.copytree(checkpoint, other)
+    if not record:
+        (other / "checkpoint.json").unlink()
     config = json.loads((other / "config.json").read_text())
     config["vocab_size"] += 7
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises((ValueError, RuntimeError)):
+    with pytest.raises(BehemothError, match="config.json"):
         load_model(other)
 
 
@@ -147,3 +163,82 @@ def test_shipped_model_knows_its_world(name):
     x = torch.as_tensor(np.concatenate([[[tok.eot_id]] * 64, render_paper(world, tok)[:64]], 1))
     with torch.no_grad():
         assert (hooked(x) - hf(input_ids=x).logits).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------ a checkpoint knows its world
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of another world with the same vocabulary (only the facts differ)."""
+    root = tmp_path_factory.mktemp("other")
+    build_world(WorldConfig(n_subjects=12, n_relations=2, n_objects=9, seed=5),
+                CorpusConfig(block_len=64), root / "w")  # fmt: skip
+    train(root / "w", root / "m", TrainConfig(preset="tiny", steps=3, epochs=None, eval_every=3),
+          progress=False)  # fmt: skip
+    return root / "m"
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40  # a weight changes; the file still parses
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("part", ["world.json", "facts.parquet", "config.json", "tokenizer.json"])
+def test_a_part_from_another_world_is_named(checkpoint, other_checkpoint, tmp_path, part):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(checkpoint, mixed)
+    shutil.copy(other_checkpoint / part, mixed / part)
+    if part != "tokenizer.json":  # the same vocabulary: the file is identical
+        with pytest.raises(CheckpointMismatch, match=f"{part} is not the file this checkpoint"):
+            load_model(mixed)
+
+
+def test_changed_or_truncated_weights_are_named(checkpoint, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(checkpoint, changed)
+    _flip_last_byte(changed / "model.safetensors")
+    with pytest.raises(CheckpointMismatch, match="model.safetensors is not the file"):
+        load_model(changed)
+    # without checkpoint.json (an older checkpoint) the training log's hash still catches it
+    (changed / "checkpoint.json").unlink()
+    with pytest.raises(CheckpointMismatch, match="model.safetensors is not the file its training"):
+        load_model(changed)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(checkpoint, truncated)
+    (truncated / "checkpoint.json").unlink()
+    (truncated / "train_log.json").unlink()
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptFile, match="model.safetensors and config.json cannot be read"):
+        load_model(truncated)
+
+
+def test_world_json_rewritten_consistently_is_still_caught(checkpoint, other_checkpoint, tmp_path):
+    """world.json and facts.parquet both from another world, and checkpoint.json's hashes
+    rewritten to match: the recorded world fingerprint still disagrees."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(checkpoint, mixed)
+    for part in ("world.json", "facts.parquet"):
+        shutil.copy(other_checkpoint / part, mixed / part)
+    record = json.loads((mixed / "checkpoint.json").read_text())
+    for part in ("world.json", "facts.parquet"):
+        record["sha256"][part] = json.loads((other_checkpoint / "checkpoint.json").read_text())[
+            "sha256"
+        ][part]
+    (mixed / "checkpoint.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointMismatch, match="describe another world"):
+        load_model(mixed)
+
+
+def test_a_model_is_only_used_with_its_own_world(checkpoint, other_checkpoint):
+    hf, world, tok = load_hf(checkpoint)
+    _, other, other_tok = load_hf(other_checkpoint)
+    assert tok.vocab == other_tok.vocab and world != other
+    with pytest.raises(CheckpointMismatch, match=f"the model from {checkpoint}.*another world"):
+        hooked_in_world(hf, other)
+    with pytest.raises(CheckpointMismatch, match="another world"):
+        evaluate_facts(hf, other, other_tok)
+    hooked = load_model(checkpoint)
+    with pytest.raises(CheckpointMismatch, match="another world"):
+        evaluate_facts(hooked, other, other_tok)
+    evaluate_facts(hooked, world, tok)  # its own world is fine

@@ -281,7 +281,7 @@ def test_cli_probe(micro_checkpoint, tmp_path, monkeypatch, capsys):
     )
     assert ProbeResult.load(saved).config.relation == 0
     monkeypatch.setattr(sys, "argv", ["behemoth-interp", "probe", str(micro_checkpoint),
-                                      "--relation", "9", "--out", str(out)])  # fmt: skip
+                                      "--relation", "9", "--out", str(out), "--force"])  # fmt: skip
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2

@@ -77,7 +77,8 @@ def test_coefficients_and_attention_undo_an_attention_and_w_in_edit(vanilla, eve
         result = restore(vanilla, edited, vanilla.world.facts(), windows=everywhere,
                          settings="coefficients+attention", n_prompts=None)  # fmt: skip
         assert result.n_excluded == 0 and float(result.edited_loss.min()) > 1e-4
-        _assert_all(result.scores, 1.0, atol=1e-5)
+        _assert_all(result.prompt_krs, 1.0, atol=1e-5)
+        _assert_all(result.krs, 1.0, atol=1e-5)
 
 
 def test_coefficients_values_and_attention_undo_any_block_edit(vanilla, everywhere, finetuned):
@@ -87,11 +88,11 @@ def test_coefficients_values_and_attention_undo_any_block_edit(vanilla, everywhe
     for edited in (constructed, finetuned["both"].hooked):
         result = restore(vanilla, edited, vanilla.world.facts(1), windows=everywhere,
                          settings=EVERY_PART)  # fmt: skip
-        _assert_all(result.scores, 1.0, atol=1e-5)
+        _assert_all(result.prompt_krs, 1.0, atol=1e-5)
     # without the values, a W_out edit stays: restoration is incomplete
     partial = restore(vanilla, constructed, vanilla.world.facts(1), windows=everywhere,
                       settings="coefficients+attention")  # fmt: skip
-    assert float(partial.mean["coefficients+attention"].max()) < 0.99
+    assert float(partial.krs["coefficients+attention"].max()) < 0.99
 
 
 def test_values_after_an_attention_only_edit_restore_nothing(vanilla, finetuned):
@@ -99,9 +100,9 @@ def test_values_after_an_attention_only_edit_restore_nothing(vanilla, finetuned)
     Blocks are parallel, so layer 0's MLP reads the (unchanged) embeddings: its coefficients
     are already the vanilla ones."""
     result = restore(vanilla, finetuned["attn"].hooked, vanilla.world.facts(1), windows=(1, 3))
-    _assert_all({"values": result.scores["values"]}, 0.0, atol=1e-6)
-    _assert_all({"coefficients": result.scores["coefficients"][0, 0]}, 0.0, atol=1e-6)
-    assert float(result.mean["attention"].max()) > 0.1
+    _assert_all({"values": result.prompt_krs["values"]}, 0.0, atol=1e-6)
+    _assert_all({"coefficients": result.prompt_krs["coefficients"][0, 0]}, 0.0, atol=1e-6)
+    assert float(result.krs["attention"].max()) > 0.1
 
 
 def test_a_window_restores_exactly_its_layers(vanilla):
@@ -109,7 +110,7 @@ def test_a_window_restores_exactly_its_layers(vanilla):
     everything, restoring layer 0's recovers nothing."""
     edited = _perturbed(vanilla, ("blocks.1.attn.",))
     result = restore(vanilla, edited, vanilla.world.facts(0), settings="attention", windows=1)
-    scores = result.scores["attention"][0]
+    scores = result.prompt_krs["attention"][0]
     _assert_all({"layer 1": scores[1]}, 1.0, atol=1e-5)
     _assert_all({"layer 0": scores[0]}, 0.0, atol=1e-6)
 
@@ -146,9 +147,11 @@ def test_prompts_the_edit_left_unchanged_are_excluded(vanilla):
     touched = (result.prompts == token).any(1)
     assert 0 < int(touched.sum()) < len(facts)
     assert torch.equal(result.excluded, ~touched) and result.n_excluded == int((~touched).sum())
-    for setting, s in result.scores.items():
+    for setting, s in result.prompt_krs.items():
         assert s[..., ~touched].isnan().all() and not s[..., touched].isnan().any()
-        torch.testing.assert_close(result.mean[setting], s[..., touched].mean(-1))
+        torch.testing.assert_close(result.prompt_mean[setting], s[..., touched].mean(-1))
+        restored, base = result.losses[setting][..., touched], result.edited_loss[touched]
+        torch.testing.assert_close(result.krs[setting], 1 - restored.mean(-1) / base.mean())
     assert (result.to_dataframe()["n_prompts"] == int(touched.sum())).all()
     untouched = facts[~touched.numpy()]
     with pytest.raises(ValueError, match=r"logits equal the vanilla model's on all \d+ prompts"):
@@ -197,9 +200,9 @@ def test_restore_uses_the_hook_layer_and_matches_plain_transformer_lens(vanilla,
         values = 1 - mse(swapped(x)) / base
     torch.testing.assert_close(result.edited_loss, base)
     torch.testing.assert_close(
-        result.scores["coefficients"][0, layer], coefficients, atol=1e-5, rtol=0
+        result.prompt_krs["coefficients"][0, layer], coefficients, atol=1e-5, rtol=0
     )
-    torch.testing.assert_close(result.scores["values"][0, layer], values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.prompt_krs["values"][0, layer], values, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -259,21 +262,51 @@ def test_config_round_trip_and_canonical_settings():
         RestoreConfig.from_dict({**config.to_dict(), "layers": 3})
 
 
-def test_result_dataframe_plot_and_round_trip(vanilla, finetuned, tmp_path):
-    result = restore(vanilla, finetuned["both"].hooked, vanilla.world.facts(1), windows=(1, 3),
-                     n_prompts=12)  # fmt: skip
+@pytest.fixture(scope="module")
+def krs_result(vanilla, finetuned) -> KRSResult:
+    return restore(vanilla, finetuned["both"].hooked, vanilla.world.facts(1), windows=(1, 3),
+                   n_prompts=12)  # fmt: skip
+
+
+def test_the_headline_is_eq3_on_losses_averaged_over_prompts(krs_result):
+    """`krs` is Dissecting eq. 3 as the paper defines it, 1 - mean(restored) / mean(edited);
+    `krs_prompt_mean` is the mean of the per-prompt ratios. Both by hand from the losses."""
+    df = krs_result.to_dataframe()
+    edited = krs_result.edited_loss.double().numpy()
+    assert (edited > 0).all()
+    gaps = []
+    for row in df.itertuples():
+        wi = krs_result.windows.index(row.window)
+        restored = krs_result.losses[row.setting][wi, row.layer].double().numpy()
+        assert row.krs == pytest.approx(1 - restored.mean() / edited.mean(), abs=1e-6)
+        assert row.krs_prompt_mean == pytest.approx(np.mean(1 - restored / edited), abs=1e-6)
+        assert row.n_prompts == len(edited)
+        gaps.append(abs(row.krs - row.krs_prompt_mean))
+    assert max(gaps) > 1e-3  # the two aggregates do differ on this edit: the test tells them apart
+    per = krs_result.to_dataframe(per_prompt=True)
+    means = per.groupby(["setting", "window", "layer"], sort=False).prompt_krs.mean()
+    np.testing.assert_allclose(means.to_numpy(), df.krs_prompt_mean.to_numpy(), atol=1e-6)
+    fig = krs_result.plot()
+    for trace in fig.data:  # the plotted lines are the headline
+        window = int(trace.xaxis[1:] or 1)
+        rows = df[(df.setting == trace.name) & (df.window == krs_result.windows[window - 1])]
+        np.testing.assert_allclose(trace.y, rows.krs.to_numpy())
+
+
+def test_result_dataframe_plot_and_round_trip(vanilla, krs_result, tmp_path):
+    result = krs_result
     n_layers, n = vanilla.cfg.n_layers, 12
     df = result.to_dataframe()
     assert len(df) == len(SETTINGS) * 2 * n_layers
     row = df[(df.setting == "attention") & (df.window == 3) & (df.layer == 0)].iloc[0]
     assert (row.first_layer, row.last_layer) == (0, 1)
-    assert row.krs == pytest.approx(float(result.scores["attention"][1, 0].mean()))
-    pooled = 1 - result.losses["attention"][1, 0].mean() / result.edited_loss.mean()
-    assert row.krs_pooled == pytest.approx(float(pooled))
+    assert row.krs == pytest.approx(float(result.krs["attention"][1, 0]))
+    assert row.krs_prompt_mean == pytest.approx(float(result.prompt_mean["attention"][1, 0]))
     per = result.to_dataframe(per_prompt=True)
     assert len(per) == len(df) * n and {"subject", "relation", "object"} <= set(per.columns)
     fig = result.plot()
     assert len(fig.data) == len(SETTINGS) * 2 and fig.layout.title.text.startswith("Knowledge")
+    assert "eq. 3 on losses averaged over 12 prompts" in fig.layout.title.text
     back = KRSResult.load(result.save(tmp_path / "krs"))
     assert back.config == result.config and np.array_equal(back.tuples, result.tuples)
     for s in result.settings:
@@ -294,7 +327,7 @@ def test_restore_command(micro_checkpoint, finetuned, tmp_path, monkeypatch, cap
     done = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "krs")])
     assert done.exit_code == 0, done.output
     saved = KRSResult.load(tmp_path / "krs")
-    _assert_all({"values": saved.scores["values"]}, 0.0, atol=1e-6)
+    _assert_all({"values": saved.prompt_krs["values"]}, 0.0, atol=1e-6)
     assert (saved.tuples[:, 1] == 1).all() and len(saved.tuples) == 8
     on_the_fly = ["restore", str(micro_checkpoint), "--task", "forget", "--relation", "1",
                   "--edit-steps", "3", "--n", "6", "--out", str(tmp_path / "fly.html")]  # fmt: skip

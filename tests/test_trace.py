@@ -4,6 +4,7 @@ metric must satisfy, partners, attribution, the result object and the bad-input 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -17,7 +18,14 @@ from behemoth_interp import World, WorldConfig, WorldTokenizer
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.hooks import SITE_KINDS, build_inputs
 from behemoth_interp.model import PRESETS, build_model, to_hooked
-from behemoth_interp.trace import TraceConfig, TraceResult, find_partners, sample_tuples, trace
+from behemoth_interp.trace import (
+    MIN_DENOMINATOR,
+    TraceConfig,
+    TraceResult,
+    find_partners,
+    sample_tuples,
+    trace,
+)
 
 ALL_SITES = tuple(SITE_KINDS)
 
@@ -93,6 +101,7 @@ def _tl_reference(model, facts, partners):
 
 
 def test_trace_matches_transformer_lens_patching(fact_model, tuples, exact):
+    assert exact.n_excluded == 0  # TransformerLens' metric averages every tuple
     reference = _tl_reference(fact_model, tuples, exact.partners)
     for kind in ALL_SITES:
         assert exact.mean[kind].shape == reference[kind].shape, kind
@@ -249,7 +258,7 @@ def test_result_tables(micro_exact, micro_tuples):
     n_layers, n_pos = exact.n_layers, len(exact.positions)
     n_heads = exact.scores["head"].shape[-1]
     assert len(df) == n_layers * n_pos * (4 + n_heads)
-    assert set(df.columns) == {"site", "layer", "position", "head", "score"}
+    assert set(df.columns) == {"site", "layer", "position", "head", "score", "n_tuples"}
     row = df[(df.site == "mlp_post") & (df.layer == 1) & (df.position == "subject[1]")]
     assert row.score.item() == pytest.approx(exact.mean["mlp_post"][1, 3].item())
     assert (
@@ -258,7 +267,7 @@ def test_result_tables(micro_exact, micro_tuples):
     )
     per = exact.to_dataframe(per_tuple=True)
     assert len(per) == len(tuples) * len(df)
-    assert {"subject", "relation", "object", "relation_name"} <= set(per.columns)
+    assert {"subject", "relation", "object", "relation_name", "excluded"} <= set(per.columns)
     top = exact.top(5)
     assert (
         len(top) == 5 and top.score.is_monotonic_decreasing and top.score.iloc[0] == df.score.max()
@@ -287,6 +296,77 @@ def test_heatmap_has_a_panel_per_site(micro_exact):
         exact.heatmap(relation="r9")
 
 
+# ---------------------------------------------------------------------------------- denominators
+def test_tuples_the_corruption_does_not_lower_are_excluded(micro_model, micro_tuples):
+    """A tuple whose clean - corrupted metric is below min_denominator keeps its scores but
+    leaves the mean, top() and the maps; the counts are reported."""
+    kwargs = dict(sites=("resid_pre", "mlp_post"), corruption="noise",
+                  positions=["subject", "last_subject", "relation", "last"])  # fmt: skip
+    noisy = trace(micro_model, micro_tuples, **kwargs)
+    assert noisy.config.min_denominator == MIN_DENOMINATOR["ioi"] == 1.0
+    # with the measured denominators, and with some made negative by construction
+    low = noisy.denominator.argsort()[:3]
+    corrupted = noisy.corrupted.copy()
+    corrupted[low] = noisy.clean[low] + np.array([0.5, 3.0, 0.0])  # denominators -0.5, -3, 0
+    for result in (noisy, dataclasses.replace(noisy, corrupted=corrupted)):
+        keep = result.denominator >= 1.0
+        assert np.array_equal(result.excluded, ~keep) and result.n_excluded == int((~keep).sum())
+        for kind, s in result.scores.items():
+            torch.testing.assert_close(result.mean[kind], s[torch.as_tensor(keep)].mean(0))
+        df = result.to_dataframe()
+        assert (df.n_tuples == keep.sum()).all()
+        per = result.to_dataframe(per_tuple=True)
+        assert len(per) == len(result.tuples) * len(df)  # excluded tuples keep their rows
+        excluded_rows = per[per.excluded][["subject", "relation", "object"]].drop_duplicates()
+        assert np.array_equal(excluded_rows.to_numpy(), result.tuples[~keep])
+        best = result.top(1).iloc[0]
+        assert best.score == df.score.max() and best.n_tuples == keep.sum()
+    constructed = dataclasses.replace(noisy, corrupted=corrupted)
+    assert constructed.n_excluded >= 3 and (constructed.excluded[low]).all()
+    n, k = len(micro_tuples), constructed.n_excluded
+    title = constructed.heatmap().layout.title.text
+    assert f"n={n - k} of {n} tuples ({k} excluded: clean − corrupted < 1)" in title
+    assert f"({k} excluded" in repr(constructed)
+    # -inf keeps every tuple: the mean of all of them, as before the threshold existed
+    everything = trace(micro_model, micro_tuples, min_denominator=-np.inf, **kwargs)
+    assert everything.n_excluded == 0
+    for kind, s in everything.scores.items():
+        torch.testing.assert_close(s, noisy.scores[kind])
+        torch.testing.assert_close(everything.mean[kind], s.mean(0))
+
+
+def test_a_trace_with_nothing_excluded_is_unchanged(micro_exact):
+    assert micro_exact.n_excluded == 0 and micro_exact.denominator.min() > 1.0
+    for kind, s in micro_exact.scores.items():
+        assert torch.equal(micro_exact.mean[kind], s.mean(0))
+    assert "excluded" not in micro_exact.heatmap().layout.title.text
+    assert f"n={len(micro_exact.tuples)} tuples" in micro_exact.heatmap().layout.title.text
+
+
+def test_denominators_per_metric(micro_model, micro_tuples):
+    prob = trace(micro_model, micro_tuples, sites="resid_pre", positions="last", metric="prob")
+    assert prob.config.min_denominator == MIN_DENOMINATOR["prob"] == 0.1
+    np.testing.assert_array_equal(prob.denominator, prob.clean - prob.corrupted)
+    raw = trace(micro_model, micro_tuples, sites="resid_pre", positions="last", metric="logit_diff")
+    assert raw.config.min_denominator is None and raw.denominator is None
+    assert raw.n_excluded == 0 and not raw.to_dataframe(per_tuple=True).excluded.any()
+    with pytest.raises(ValueError, match="'logit_diff' has no denominator"):
+        TraceConfig(metric="logit_diff", min_denominator=0.5)
+    with pytest.raises(ValueError, match="min_denominator is NaN"):
+        TraceConfig(min_denominator=float("nan"))
+
+
+def test_every_tuple_excluded_is_an_error(micro_model, micro_tuples, micro_exact):
+    with pytest.raises(ValueError, match=r"all 4 tuples are excluded: their LD_clean − "
+                                         r"LD_corrupted .* below min_denominator=1e\+06"):  # fmt: skip
+        trace(micro_model, micro_tuples, sites="resid_pre", min_denominator=1e6)
+    none_left = dataclasses.replace(micro_exact, corrupted=micro_exact.clean + 1)
+    with pytest.raises(ValueError, match="all 4 tuples are excluded.*lower min_denominator"):
+        _ = none_left.mean
+    with pytest.raises(ValueError, match="all 4 tuples are excluded"):
+        none_left.top()
+
+
 def test_save_and_load_round_trip(micro_exact, tmp_path):
     exact = micro_exact
     exact.save(tmp_path / "trace")
@@ -301,6 +381,21 @@ def test_save_and_load_round_trip(micro_exact, tmp_path):
         exact.save(tmp_path / "trace")
     with pytest.raises(FileNotFoundError, match="trace description"):
         TraceResult.load(tmp_path / "missing")
+    # the threshold travels in the config; exclusions are recomputed from clean and corrupted
+    strict = dataclasses.replace(
+        exact, config=dataclasses.replace(exact.config, min_denominator=exact.denominator.max())
+    )
+    back = TraceResult.load(strict.save(tmp_path / "strict"))
+    assert back.config.min_denominator == strict.config.min_denominator
+    assert (
+        np.array_equal(back.excluded, strict.excluded) and back.n_excluded == len(exact.tuples) - 1
+    )
+    # a trace saved before min_denominator existed loads with the metric's default
+    meta = json.loads((tmp_path / "trace" / "trace.json").read_text())
+    del meta["config"]["min_denominator"]
+    (tmp_path / "trace" / "trace.json").write_text(json.dumps(meta))
+    old = TraceResult.load(tmp_path / "trace")
+    assert old.config.min_denominator == MIN_DENOMINATOR["ioi"] and old.config == exact.config
 
 
 def test_config_round_trips_and_validates():

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +15,7 @@ from safetensors.torch import load_file
 
 from behemoth_interp import CorpusConfig, WorldConfig, build_world
 from behemoth_interp.corpus import Corpus
+from behemoth_interp.errors import Diverged, InvalidArgument, MissingInput, OutputExists
 from behemoth_interp.train import EpochBatches, TrainConfig, capacity_search, train
 
 MICRO_WORLD = WorldConfig(n_subjects=24, n_relations=2, n_objects=9, seed=4)
@@ -95,8 +101,8 @@ def test_learning_rate_schedule():
     "kwargs, match",
     [
         (dict(epochs=None, steps=None), "epochs or steps"),
-        (dict(steps=0), "positive"),
-        (dict(lr=0.0), "lr must be"),
+        (dict(steps=0), r"steps \(--steps\) must be >= 1, got 0"),
+        (dict(lr=0.0), r"lr \(--lr\) must be > 0"),
         (dict(preset="huge"), "unknown model preset"),
         (dict(schedule="linear"), "unknown schedule"),
         (dict(loss_on="subject"), "unknown loss_on"),
@@ -148,3 +154,62 @@ def test_warm_up_curriculum_trains_on_few_subjects_first(micro_dir):
     assert schedule.epoch(10) == 0.0 and schedule.epoch(30) > 0
     with pytest.raises(ValueError, match="warm_fraction"):
         TrainConfig(warm_steps=5, warm_fraction=0.0)
+
+
+# ------------------------------------------------------------------ a diverged run is an error
+def test_a_diverged_run_stops_with_an_error_and_writes_nothing(micro_dir, tmp_path):
+    config = TrainConfig(steps=40, epochs=None, **{**MICRO_TRAIN, "lr": 1e6, "grad_clip": 0.0})
+    with pytest.raises(Diverged, match="training diverged.*Lower --lr"):
+        train(micro_dir, tmp_path / "m", config, progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+# ------------------------------------------------------------------ nothing a user made is lost
+def test_out_is_refused_when_occupied_and_a_folder_is_never_replaced(micro_dir, tmp_path):
+    config = TrainConfig(steps=3, epochs=None, **MICRO_TRAIN)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExists):
+            train(micro_dir, user, config, overwrite=overwrite, progress=False)
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    with pytest.raises(OutputExists):  # a world is not a checkpoint: never replaced
+        train(micro_dir, micro_dir, config, overwrite=True, progress=False)
+    assert (micro_dir / "corpus" / "corpus.json").is_file()
+    train(micro_dir, tmp_path / "m", config, progress=False)
+    with pytest.raises(OutputExists, match="--force"):
+        train(micro_dir, tmp_path / "m", config, progress=False)
+    train(micro_dir, tmp_path / "m", config, overwrite=True, progress=False)  # a checkpoint
+
+
+def test_resume_needs_a_resumable_checkpoint(micro_dir, tmp_path):
+    config = TrainConfig(steps=4, epochs=None, save_optimizer=False, **MICRO_TRAIN)
+    with pytest.raises(MissingInput, match="no training run to resume"):
+        train(micro_dir, tmp_path / "nothing", config, resume=True, progress=False)
+    train(micro_dir, tmp_path / "m", config, progress=False)
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    with pytest.raises(InvalidArgument, match="without optimizer state.*--no-optimizer"):
+        train(micro_dir, tmp_path / "m", dataclasses.replace(config, steps=8), resume=True)
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+
+
+def test_a_second_concurrent_training_is_refused(micro_dir, tmp_path):
+    """Two `train` processes on one --out: the second exits 2 at once, the first finishes."""
+    out = tmp_path / "m"
+    args = [sys.executable, "-m", "behemoth_interp.cli", "train", str(micro_dir), "--out",
+            str(out), "--preset", "tiny", "--steps", "400", "--eval-every", "400"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / ".m.lock").exists():
+            assert time.monotonic() < deadline and first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.startswith("error: ") and second.stderr.count("\n") == 1
+        assert f"being written by another process (pid {first.pid})" in second.stderr
+    finally:
+        first.wait(timeout=300)
+    assert first.returncode == 0 and (out / "train_log.json").is_file()

@@ -1,0 +1,73 @@
+"""Fact accuracy never calls a broken model correct: ties count against the true token,
+non-finite logits raise, and a model is only scored against its own world."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from behemoth_interp import WorldConfig, WorldTokenizer, evaluate_facts, load_hf
+from behemoth_interp.errors import CheckpointMismatch, Diverged
+from behemoth_interp.world import World
+
+
+@pytest.fixture(scope="module")
+def micro(micro_checkpoint):
+    return load_hf(micro_checkpoint)
+
+
+def test_the_trained_micro_model_is_right_on_every_tuple(micro):
+    hf, world, tok = micro
+    acc = evaluate_facts(hf, world, tok)
+    assert acc.accuracy == 1.0 and (acc.rank == 0).all()
+
+
+def test_all_equal_logits_score_zero(micro):
+    hf, world, tok = micro
+    flat = copy.deepcopy(hf)
+    with torch.no_grad():
+        flat.get_output_embeddings().weight.zero_()
+    acc = evaluate_facts(flat, world, tok)
+    assert acc.accuracy == 0.0 and (acc.rank == tok.vocab_size - 1).all()
+    assert acc.per_relation().max() == 0.0 and not acc.top(2).any()
+
+
+def test_a_tie_counts_against_the_true_token(micro):
+    hf, world, tok = micro
+    facts = world.facts()
+    first = tok.entity_tokens(world.object_space(0), facts[:, 2])[:, 0]
+    true = int(first[0])
+    rival = int(tok.entity_tokens("subject", np.array([0]))[0, 0])  # never an object token
+    tied = copy.deepcopy(hf)
+    with torch.no_grad():
+        tied.get_output_embeddings().weight[rival] = tied.get_output_embeddings().weight[true]
+    acc = evaluate_facts(tied, world, tok)
+    hit = first == true
+    assert hit.any() and (~hit).any()
+    assert not acc.top(1)[hit].any() and acc.top(2)[hit].all()  # second, behind its twin
+    assert acc.top(1)[~hit].all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_raise_naming_the_model(micro, micro_checkpoint, bad):
+    hf, world, tok = micro
+    broken = copy.deepcopy(hf)
+    with torch.no_grad():
+        broken.get_output_embeddings().weight[3, 0] = bad
+    with pytest.raises(Diverged, match=f"the model from {micro_checkpoint}.*non-finite logits"):
+        evaluate_facts(broken, world, tok)
+
+
+def test_another_worlds_model_or_tokenizer_is_refused(micro):
+    hf, world, tok = micro
+    other = World.generate(WorldConfig("independent", n_subjects=40, n_relations=2,
+                                       n_objects=16, seed=1))  # fmt: skip
+    other_tok = WorldTokenizer(other.config)
+    assert other_tok.vocab_size == tok.vocab_size  # the same vocabulary: only the facts differ
+    with pytest.raises(CheckpointMismatch, match="trained on another world"):
+        evaluate_facts(hf, other, other_tok)
+    with pytest.raises(CheckpointMismatch, match="tokenizer is another world's"):
+        evaluate_facts(hf, world, WorldTokenizer(WorldConfig(n_subjects=500)))
