@@ -4,17 +4,37 @@ import behemoth_interp as bi
 world = bi.World.generate(bi.WorldConfig("nested", n_subjects=1000))
 """
 
+from behemoth_interp.capacity import capacity_search
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
 from behemoth_interp.edit import (
+    DPO,
+    METHODS,
+    MODES,
+    NPO,
+    OBJECTIVES,
+    RMU,
+    AlphaEditConfig,
+    CrossEntropy,
     EditDataConfig,
     EditDataset,
     EditReport,
     EditResult,
     EditTask,
+    FinetuneConfig,
+    GradientAscent,
+    GradientDifference,
+    Localized,
+    LoraConfig,
     LrSearch,
+    MemitConfig,
+    RomeConfig,
+    RomeUpdate,
+    SimNPO,
+    apply_rome,
     edit,
     edit_dataset,
     evaluate_edit,
+    key_covariance,
     select_lr,
 )
 from behemoth_interp.evaluate import FactAccuracy, evaluate_facts
@@ -50,13 +70,27 @@ from behemoth_interp.probe import (
 )
 from behemoth_interp.rank import MoveRank, move_rank
 from behemoth_interp.restore import KRSResult, RestoreConfig, restore, window_layers
-from behemoth_interp.rome import RomeConfig, RomeUpdate, apply_rome, key_covariance
 from behemoth_interp.tokenizer import OutOfVocabularyError, WorldTokenizer
 from behemoth_interp.trace import TraceConfig, TraceResult, find_partners, sample_tuples, trace
-from behemoth_interp.train import TrainConfig, capacity_search, train
+from behemoth_interp.train import TrainConfig, train
 from behemoth_interp.world import Fact, World, WorldConfig
 
 __all__ = [
+    "DPO",
+    "METHODS",
+    "MODES",
+    "NPO",
+    "OBJECTIVES",
+    "RMU",
+    "CrossEntropy",
+    "FinetuneConfig",
+    "GradientAscent",
+    "GradientDifference",
+    "Localized",
+    "LoraConfig",
+    "MemitConfig",
+    "AlphaEditConfig",
+    "SimNPO",
     "EditDataConfig",
     "EditDataset",
     "EditReport",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -11,12 +12,14 @@ from typing import Optional
 import numpy as np
 import typer
 
+from behemoth_interp.capacity import capacity_search
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
+from behemoth_interp.edit import METHODS, OBJECTIVES
 from behemoth_interp.errors import BehemothError, InvalidArgument
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import TEMPLATES, render
 from behemoth_interp.model import load_hf
-from behemoth_interp.train import TrainConfig, capacity_search, train
+from behemoth_interp.train import TrainConfig, train
 from behemoth_interp.world import SPACE_NAMES, WorldConfig
 
 app = typer.Typer(
@@ -154,11 +157,32 @@ def train_cmd(
 @app.command("evaluate")
 def evaluate_cmd(
     model_dir: Path = typer.Argument(..., help="A checkpoint directory."),
-    template: str = typer.Option("paper", help="Grammar template to ask in."),
+    template: str = typer.Option(
+        "paper", help="Grammar template(s) to ask in: a name, 'a,b', or 'all' (a table)."
+    ),
 ) -> None:
     """Exact fact accuracy of a checkpoint on every tuple of its world, per relation."""
     hf, world, tok = load_hf(model_dir)
-    typer.echo(format_accuracy(evaluate_facts(hf, world, tok, template=template).summary()))
+    names = list(TEMPLATES) if template == "all" else [t.strip() for t in template.split(",")]
+    if len(names) == 1:
+        typer.echo(format_accuracy(evaluate_facts(hf, world, tok, template=names[0]).summary()))
+        return
+    typer.echo(format_table(accuracy_by_format(hf, world, tok, names)))
+
+
+def accuracy_by_format(hf, world, tok, names: list[str]):
+    """Top-1 accuracy per relation (rows, and 'all') in each template (columns)."""
+    import pandas as pd
+
+    columns = {}
+    for name in names:
+        acc = evaluate_facts(hf, world, tok, template=name)
+        columns[name] = pd.concat([acc.per_relation(), pd.Series({"all": acc.accuracy})])
+    return pd.DataFrame(columns)
+
+
+def format_table(table) -> str:
+    return table.T.to_string(float_format=lambda v: f"{v:.4f}")
 
 
 @app.command("capacity")
@@ -171,21 +195,39 @@ def capacity_cmd(
     iterations: int = typer.Option(6, help="Bisection steps."),
     target: float = typer.Option(0.95, help="Accuracy the world must reach."),
     preset: str = typer.Option("pythia-31m", help="Model size preset."),
-    epochs: int = typer.Option(460, help="The fixed budget: epochs per probe (the paper: 460)."),
+    epochs: Optional[int] = typer.Option(None, help="The fixed budget in epochs (the paper: 460)."),
+    steps: Optional[int] = typer.Option(None, help="The fixed budget in optimizer steps instead."),
     lr: float = typer.Option(1e-3, help="Learning rate."),
+    warmup: int = typer.Option(0, help="Linear learning-rate warmup steps."),
+    schedule: str = typer.Option("constant", help="constant (the paper) or cosine."),
+    min_lr_ratio: float = typer.Option(0.0, help="Cosine floor as a fraction of --lr."),
+    loss_on: str = typer.Option("all", help="all tokens (the paper) or object tokens only."),
+    warm_steps: int = typer.Option(0, help="Curriculum: first steps on a few subjects only."),
     block_len: int = typer.Option(512, help="Corpus block length."),
+    grammar: str = typer.Option("paper=1", help="Corpus grammar mix, e.g. 'paper=1,mcq=0.25'."),
+    copies: int = typer.Option(1, help="Times each tuple appears in the corpus."),
+    save_every: int = typer.Option(0, help="Steps between a probe's resumable checkpoints."),
+    workdir: Optional[Path] = typer.Option(
+        None, help="Record probes here; run again with the same settings to continue."
+    ),
+    keep: bool = typer.Option(False, "--keep", help="Keep each probe's world and model."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Binary search for the largest world (in subjects) that trains to --target accuracy."""
+    budget = {"epochs": None, "steps": steps} if steps is not None else {"epochs": epochs or 460}
     probes = capacity_search(
         WorldConfig(distribution, n_relations=relations, n_objects=objects),  # type: ignore[arg-type]
-        CorpusConfig(block_len=block_len),
-        TrainConfig(preset=preset, epochs=epochs, lr=lr),
-        target=target, low=low, high=high, iterations=iterations, device=device, progress=True,
+        CorpusConfig(CorpusConfig.parse_mix(grammar), copies, block_len),
+        TrainConfig(preset=preset, lr=lr, warmup_steps=warmup, schedule=schedule,  # type: ignore[arg-type]
+                    min_lr_ratio=min_lr_ratio, loss_on=loss_on, warm_steps=warm_steps,  # type: ignore[arg-type]
+                    save_every=save_every, **budget),
+        target=target, low=low, high=high, iterations=iterations, device=device,
+        workdir=workdir, keep=keep, progress=True,
     )  # fmt: skip
     for p in probes:
         typer.echo(
-            f"{p['n_subjects']:>8} subjects  accuracy {p['accuracy']:.4f}  {'reached' if p['reached'] else 'missed'}"
+            f"{p['n_subjects']:>8} subjects  accuracy {p['accuracy']:.4f}  "
+            f"{'reached' if p['reached'] else 'missed'}  ({p['steps']} steps, {p['seconds']:.0f} s)"
         )
 
 
@@ -338,27 +380,33 @@ def edit_cmd(
     model_dir: Path = typer.Argument(..., help="A checkpoint directory."),
     out: Path = typer.Option(..., "--out", help="Directory for the edited checkpoint."),
     task: str = typer.Option("single", help="single, ten_same, ten_different or forget."),
-    method: str = typer.Option("finetune", help="finetune, lora or rome."),
+    method: str = typer.Option("finetune", help="An edit method: " + ", ".join(METHODS)),
     blocks: Optional[str] = typer.Option(
-        None, help="Blocks to edit, e.g. '5' or '2,3' (default: all)."
+        None, help="Blocks to edit, e.g. '5' or '2,3' (default: the method's)."
     ),
     components: Optional[str] = typer.Option(
-        None, help="mlp, attn or both (default: both; ROME: mlp)."
+        None, help="mlp, attn or both (default: both; ROME, MEMIT, AlphaEdit: mlp)."
     ),
-    rank: int = typer.Option(32, help="LoRA rank."),
+    mode: Optional[str] = typer.Option(
+        None, help="batched or sequential (default: batched where the method allows it)."
+    ),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank (default 32)."),
     rome_position: Optional[str] = typer.Option(
         None, help="ROME's key: object (default) or last_subject (ROME's own site; --blocks 0)."
     ),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the method's)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: one epoch)."),
-    epochs: int = typer.Option(1, help="Epochs over the edit dataset."),
-    objective: str = typer.Option(
-        "ce", help="ce, localized, gradient_ascent or gradient_difference."
+    epochs: Optional[int] = typer.Option(None, help="Epochs over the edit dataset (default 1)."),
+    objective: Optional[str] = typer.Option(
+        None, help="Fine-tuning loss: " + ", ".join(OBJECTIVES) + " (default ce)."
+    ),
+    option: list[str] = typer.Option(
+        [], "--set", help="Any method or objective setting, KEY=VALUE (e.g. beta=0.05), repeatable."
     ),
     relation: int = typer.Option(0, help="The base relation the task edits."),
     n: int = typer.Option(10, help="Tuples of ten_same / ten_different."),
-    forget_fraction: float = typer.Option(
-        0.05, help="Share of the relation's tuples a forget dataset trains on (the paper: 5%)."
+    forget_fraction: Optional[float] = typer.Option(
+        None, help="Share of the relation's tuples a forget dataset trains on (the paper: 5%)."
     ),
     seed: int = typer.Option(0, help="Seed of the task, the dataset and the training."),
     max_remaining: Optional[int] = typer.Option(
@@ -369,28 +417,40 @@ def edit_cmd(
 ) -> None:
     """Edit a checkpoint with one of the paper's tasks; save the edited checkpoint and report."""
     from behemoth_interp.edit import EditDataConfig, EditTask, edit
-    from behemoth_interp.rome import RomeConfig
 
+    if rome_position is not None and method != "rome":
+        raise InvalidArgument(f"--rome-position is for --method rome, not {method}: leave it out")
+    given = {"rank": rank, "lr": lr, "steps": steps, "epochs": epochs,
+             "position": rome_position}  # fmt: skip
+    options = {k: v for k, v in given.items() if v is not None} | parse_settings(option)
+    if forget_fraction is not None:
+        options["data"] = EditDataConfig(forget_fraction=forget_fraction)
     with claim(out, force, html):
         hf, world, _ = load_hf(model_dir)
         drawn = EditTask.draw(world, task, seed=seed, relation=relation, n=n, correct=hf)
         chosen = parse_ints(blocks, "--blocks") if blocks else None
-        rome = None
-        if rome_position is not None:
-            if method != "rome":
-                raise InvalidArgument(
-                    f"--rome-position is for --method rome, not {method}: leave it out"
-                )
-            rome = RomeConfig(position=rome_position, **({"layer": chosen[0]} if chosen else {}))
-        result = edit(hf, drawn, method=method, blocks=chosen, components=components, rank=rank,
-                      rome=rome, lr=lr, steps=steps, epochs=epochs, objective=objective, seed=seed,
-                      data=EditDataConfig(forget_fraction=forget_fraction),
-                      max_remaining=max_remaining)  # fmt: skip
+        result = edit(hf, drawn, method=method, blocks=chosen, components=components, mode=mode,
+                      objective=objective, seed=seed, max_remaining=max_remaining, **options)  # fmt: skip
         result.save(out, overwrite=force)
         if html is not None:
             write_html(result.report.plot(), html)
         typer.echo(f"{drawn!r} by {method}: wrote the edited checkpoint to {out}")
         typer.echo(result.report.to_dataframe()[["metric", "value"]].to_string(index=False))
+
+
+def parse_settings(items: list[str]) -> dict[str, object]:
+    """['beta=0.05', 'retain=kl'] -> {'beta': 0.05, 'retain': 'kl'}: each value read as JSON
+    (numbers, true/false, null, lists), else kept as text."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidArgument(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 @app.command("restore")
@@ -444,9 +504,9 @@ def restore_cmd(
             prompts = world.facts(relation)
         else:
             drawn = EditTask.draw(world, task, seed=seed, relation=relation, correct=hf)
-            result = edit(hf, drawn, objective=objective, epochs=epochs, steps=steps, lr=lr,
-                          data=EditDataConfig(forget_fraction=forget_fraction), seed=seed,
-                          hooked=True, max_remaining=2000)  # fmt: skip
+            result = edit(hf, drawn, objective=objective, epochs=epochs, steps=steps, seed=seed,
+                          data=EditDataConfig(forget_fraction=forget_fraction), hooked=True,
+                          max_remaining=2000, **({} if lr is None else {"lr": lr}))  # fmt: skip
             r = result.report
             typer.echo(f"edit {drawn!r}: forget rate {r.forget_rate:.3f}, success {r.success_top1:.3f}"
                        f", remaining {r.remaining:.3f} (before {r.remaining_before:.3f})")  # fmt: skip

@@ -44,7 +44,7 @@ from behemoth_interp.world import World
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-    from behemoth_interp.edit import EditTask
+    from behemoth_interp.edit.tasks import EditTask
 
 PROBE_FORMAT = "behemoth-probe/1"
 PROBE_SITES = ("resid", *SITE_KINDS)

@@ -30,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from behemoth_interp._io import JsonConfig, read_tensor_dir, write_tensor_dir
-from behemoth_interp.edit import EditTask
+from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import InvalidArgument
 from behemoth_interp.grammar import get_template
 from behemoth_interp.hooks import Patch, Site, build_inputs, capture, patch, swap_params

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from behemoth_interp._io import (
     write_dir,
     write_json,
 )
-from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, count_blocks, load_world
+from behemoth_interp.corpus import Corpus, count_blocks, load_world
 from behemoth_interp.errors import (
     CheckpointMismatch,
     Diverged,
@@ -43,7 +42,7 @@ from behemoth_interp.errors import (
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import OBJECT, PAD_ROLE
 from behemoth_interp.model import build_model, get_preset, is_checkpoint, load_hf, write_checkpoint
-from behemoth_interp.world import World, WorldConfig
+from behemoth_interp.world import World
 
 TRAIN_STATE = "training_state.pt"
 TRAIN_LOG = "train_log.json"
@@ -399,45 +398,3 @@ def _restore(out: Path, model, opt, config: TrainConfig, world) -> tuple[int, di
     opt.load_state_dict(saved["optimizer"])
     log["train"] = config.to_dict()
     return int(saved["step"]), log
-
-
-def capacity_search(
-    world: WorldConfig,
-    corpus: CorpusConfig,
-    config: TrainConfig,
-    *,
-    target: float = 0.95,
-    low: int = 100,
-    high: int = 120_000,
-    iterations: int = 6,
-    device: str = "auto",
-    workdir: str | Path | None = None,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Binary search for the largest number of subjects that reaches `target` accuracy.
-
-    Each probe builds a world with that many subjects (other settings from `world`), trains
-    with `config` (the fixed budget: epochs or steps) and scores every tuple. Returns the
-    probes in order, each {'n_subjects', 'accuracy', 'reached'}; the paper's method (4.5).
-    """
-    if not 1 <= low <= high:
-        raise InvalidArgument(f"need 1 <= low <= high, got low={low}, high={high}")
-    probes: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        for i in range(iterations):
-            if low > high:
-                break
-            n = (low + high) // 2
-            wdir, mdir = Path(tmp) / f"world{i}", Path(tmp) / f"model{i}"
-            build_world(dataclasses.replace(world, n_subjects=n), corpus, wdir)
-            log = train(
-                wdir,
-                mdir,
-                dataclasses.replace(config, save_optimizer=False),
-                device=device,
-                progress=progress,
-            )
-            acc = log["final"]["top1"]
-            probes.append({"n_subjects": n, "accuracy": acc, "reached": acc >= target})
-            low, high = (n + 1, high) if acc >= target else (low, n - 1)
-    return probes

@@ -198,3 +198,14 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "app", broken)
     with pytest.raises(ZeroDivisionError, match="a bug"):
         cli.main()
+
+
+def test_evaluate_prints_the_per_format_table(micro_checkpoint, monkeypatch, capsys):
+    code, stdout, stderr = _main(monkeypatch, capsys, "evaluate", str(micro_checkpoint),
+                                 "--template", "all")  # fmt: skip
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["r0", "r1", "all"]
+    assert [line.split()[0] for line in lines[1:]] == list(TEMPLATES)
+    paper = lines[1 + list(TEMPLATES).index("paper")].split()
+    assert paper[1:] == ["1.0000", "1.0000", "1.0000"]  # the micro model knows its template

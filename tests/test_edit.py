@@ -12,6 +12,7 @@ from transformers import GPTNeoXForCausalLM
 
 from behemoth_interp import WorldConfig, evaluate_facts, load_hf
 from behemoth_interp.edit import (
+    METHODS,
     TASKS,
     EditDataConfig,
     EditReport,
@@ -245,12 +246,21 @@ def test_finetune_changes_only_the_chosen_block(micro_hf, block, component):
 
 
 def test_single_override_reaches_the_new_object(micro_hf, tmp_path):
+    """Over 100 runs (micro models of training seeds 0-4 x edit seeds 0-19) success and forget
+    rate were 1.0 every time and remaining accuracy 0.937-1.0 (mean 0.991; the lowest mean of
+    five seeds 0.982): asserted over seeds 0-4, each >= 0.92 and the mean >= 0.97."""
     hf, world, _ = micro_hf
+    remaining = []
+    for seed in range(1, 5):
+        r = edit(hf, EditTask.draw(world, "single", seed=seed, correct=hf), seed=seed).report
+        assert r.success_top1 == 1.0 and r.forget_rate == 1.0, seed
+        remaining.append(r.remaining)
     task = EditTask.draw(world, "single", seed=0, correct=hf)
     result = edit(hf, task, hooked=True)
     r = result.report
-    assert r.success_top1 == 1.0 and r.forget_rate == 1.0
-    assert r.remaining_before == 1.0 and r.remaining >= r.remaining_before - 0.02
+    assert r.success_top1 == 1.0 and r.forget_rate == 1.0 and r.remaining_before == 1.0
+    remaining.append(r.remaining)
+    assert min(remaining) >= 0.92 and np.mean(remaining) >= 0.97, remaining
     assert r.dependent_kept is None and r.settings["dataset"] == {
         "edit": 250,
         "sharing": 125,
@@ -272,11 +282,14 @@ def test_single_override_reaches_the_new_object(micro_hf, tmp_path):
 def test_edit_input_errors(micro_hf, worlds):
     hf, world, _ = micro_hf
     task = EditTask.draw(world, "single")
-    with pytest.raises(ValueError, match="unknown edit method 'memit'.*'finetune', 'lora', 'rome'"):
-        edit(hf, task, method="memit")
+    choices = ", ".join(METHODS)
+    with pytest.raises(
+        ValueError, match=f"unknown edit method 'nonesuch': choose one of {choices}"
+    ):
+        edit(hf, task, method="nonesuch")
     with pytest.raises(TypeError, match="HF GPT-NeoX model or a checkpoint directory"):
         edit(object(), task)
-    with pytest.raises(ValueError, match="need lr > 0"):
+    with pytest.raises(ValueError, match=r"lr \(--lr\) must be > 0"):
         edit(hf, task, lr=0)
     assert isinstance(hf, GPTNeoXForCausalLM) and set(TASKS) == {
         "single", "ten_same", "ten_different", "forget"
@@ -302,14 +315,24 @@ def test_lora_changes_only_the_adapted_weights_at_low_rank(micro_hf):
     # a rank-3 adapter moves its matrices by rank <= 3 (the whole ΔW energy), nothing else moves
     assert (moved.rank[adapted] >= 1).all() and (moved.rank[adapted] <= 3).all()
     assert (moved.rank[~adapted] == 0).all()
-    assert result.report.settings["rank"] == 3 and result.report.settings["alpha"] == 3.0
+    config = result.report.settings["config"]
+    assert (
+        config["rank"] == 3 and config["alpha"] is None and result.report.settings["alpha"] == 3.0
+    )
 
 
 def test_lora_single_override_keeps_remaining_accuracy(micro_hf):
+    """Rank 4, over 100 runs (5 training seeds x 20 edit seeds): success 1.0 every time,
+    remaining 0.848-1.0 (mean 0.968, lowest mean of five seeds 0.919): asserted over seeds
+    0-4, each >= 0.80 and the mean >= 0.90."""
     hf, world, _ = micro_hf
-    task = EditTask.draw(world, "single", seed=0, correct=hf)
-    r = edit(hf, task, method="lora", rank=4).report
-    assert r.success_top1 == 1.0 and r.remaining >= r.remaining_before - 0.02
+    remaining = []
+    for seed in range(5):
+        task = EditTask.draw(world, "single", seed=seed, correct=hf)
+        r = edit(hf, task, method="lora", rank=4, seed=seed).report
+        assert r.success_top1 == 1.0, seed
+        remaining.append(r.remaining)
+    assert min(remaining) >= 0.80 and np.mean(remaining) >= 0.90, remaining
 
 
 def test_lora_rank_above_the_matrix_rank_raises(micro_hf):
@@ -317,7 +340,7 @@ def test_lora_rank_above_the_matrix_rank_raises(micro_hf):
     task = EditTask.draw(world, "single")
     with pytest.raises(ValueError, match=r"LoRA rank 65 is not in 1..64: .* full rank 64"):
         edit(hf, task, method="lora", rank=65)
-    with pytest.raises(ValueError, match="LoRA rank 0"):
+    with pytest.raises(ValueError, match=r"rank \(--rank\) must be >= 1, got 0"):
         edit(hf, task, method="lora", rank=0, components="attn")
     assert lora_modules(hf, [0], "attn") == [
         "gpt_neox.layers.0.attention.query_key_value",
@@ -329,11 +352,16 @@ def test_lora_rank_above_the_matrix_rank_raises(micro_hf):
 def test_select_lr_prefers_success_then_remaining(micro_hf):
     hf, world, _ = micro_hf
     task = EditTask.draw(world, "single", seed=0, correct=hf)
-    search = select_lr(hf, task, lrs=[1e-6, 3e-4], data=EditDataConfig(repeats=40), hooked=True)
+    # with 40 repeats, lr 1e-3 made the edit in 100 of 100 runs (5 training x 20 edit seeds),
+    # 3e-4 in only 79, 1e-6 in none
+    search = select_lr(hf, task, lrs=[1e-6, 1e-3], data=EditDataConfig(repeats=40), hooked=True)
     df = search.to_dataframe()
-    assert df.lr.tolist() == [1e-6, 3e-4] and df.best.tolist() == [False, True]
-    assert search.success == [0.0, 1.0] and search.best_lr == 3e-4
-    assert search.best.report.success_top1 == 1.0 and search.best.report.settings["lr"] == 3e-4
+    assert df.lr.tolist() == [1e-6, 1e-3] and df.best.tolist() == [False, True]
+    assert search.success == [0.0, 1.0] and search.best_lr == 1e-3
+    assert (
+        search.best.report.success_top1 == 1.0
+        and search.best.report.settings["config"]["lr"] == 1e-3
+    )
     assert search.best.hooked is not None and len(search.plot().data) == 2
     with pytest.raises(ValueError, match="at least one learning rate"):
         select_lr(hf, task, lrs=[])
@@ -353,34 +381,52 @@ def test_localized_objective_overrides(micro_hf):
         assert r.success_top1 == 1.0 and r.remaining_before == 1.0, seed
         remaining.append(r.remaining)
     assert min(remaining) >= 0.90 and np.mean(remaining) >= 0.94, remaining
-    assert r.settings["objective"] == "localized" and r.settings["weights"] == [1.0, 1.0, 0.0]
+    assert r.settings["config"]["objective"] == {"name": "localized", "injection": 1.0,
+                                                 "retain": 1.0, "sft": 0.0, "forget": 0.0}  # fmt: skip
 
 
 def test_forget_objectives_forget_the_sample_and_report_damage(micro_hf):
+    """10 steps at lr 1e-3 on the 2-tuple forget sample, measured over 40 runs (5 training x 8
+    data/edit seeds): GA forgot its sample every time, forget rate 0.649-1.0 (lowest mean of
+    five seeds 0.795); GradDiff kept one sample tuple once in 80, forget rate 0.568-1.0
+    (lowest mean 0.719), the other relations' sample always intact; remaining < 1 always.
+    Asserted over seeds 0-4 with those margins."""
     hf, world, tok = micro_hf
     task = EditTask.draw(world, "forget", relation=0)
-    data = edit_dataset(task)
-    sample = data.facts[data.part == "forget"].copy()
-    sample[:, 2] = world.objects_of(sample[:, 0], sample[:, 1])
-    other = data.facts[data.part == "other"]
-    for objective in ("gradient_ascent", "gradient_difference"):
-        result = edit(hf, task, objective=objective, steps=10, lr=1e-3)
-        assert not evaluate_facts(result.model, world, tok, sample).top(1).any(), objective
-        r = result.report
-        assert r.remaining_before == 1.0 and r.remaining < 1.0 and r.forget_rate > 0.5
-        if objective == "gradient_difference":
-            assert evaluate_facts(result.model, world, tok, other).accuracy == 1.0
+    rates: dict[str, list[float]] = {"gradient_ascent": [], "gradient_difference": []}
+    kept = 0
+    for seed in range(5):
+        config = EditDataConfig(seed=seed)
+        data = edit_dataset(task, config)
+        sample = data.facts[data.part == "forget"].copy()
+        sample[:, 2] = world.objects_of(sample[:, 0], sample[:, 1])
+        other = data.facts[data.part == "other"]
+        for objective, got in rates.items():
+            result = edit(hf, task, objective=objective, steps=10, lr=1e-3, data=config,
+                          seed=seed)  # fmt: skip
+            still = int(evaluate_facts(result.model, world, tok, sample).top(1).sum())
+            r = result.report
+            assert r.remaining_before == 1.0 and r.remaining < 1.0, (objective, seed)
+            got.append(r.forget_rate)
+            if objective == "gradient_ascent":
+                assert still == 0, seed
+            else:
+                kept += still
+                assert evaluate_facts(result.model, world, tok, other).accuracy == 1.0, seed
+    assert min(rates["gradient_ascent"]) >= 0.5 and np.mean(rates["gradient_ascent"]) >= 0.7
+    assert min(rates["gradient_difference"]) >= 0.4
+    assert np.mean(rates["gradient_difference"]) >= 0.65 and kept <= 1, (rates, kept)
     ce = edit(hf, task, data=EditDataConfig(forget_fraction=0.5), epochs=5, lr=1e-3).report
-    assert ce.success_top1 > float((world.facts(0)[:, 2] == 0).mean())
+    assert ce.success_top1 >= 0.6  # measured 0.757-1.0
     assert set(ce.metrics()) >= {"forget_rate", "remaining", "remaining_before"}
 
 
 def test_objective_errors(micro_hf):
     hf, world, _ = micro_hf
     task = EditTask.draw(world, "single")
-    with pytest.raises(ValueError, match="unknown objective 'kl'.*'localized'"):
+    with pytest.raises(ValueError, match="unknown objective 'kl': choose one of ce, .*localized"):
         edit(hf, task, objective="kl")
-    with pytest.raises(ValueError, match=r"weights are \(injection, retain, forget\)"):
+    with pytest.raises(ValueError, match=r"retain \(localized retain\) must be >= 0"):
         edit(hf, task, objective="localized", weights=(1, -1, 0))
 
 
@@ -445,7 +491,7 @@ def test_shipped_single_override_keeps_the_rest(shipped_hf, method):
     remaining accuracy stays within 2 points of the unedited model."""
     hf, world, _ = shipped_hf
     task = EditTask.draw(world, "single", seed=0, correct=hf)
-    r = edit(hf, task, method=method, rank=32).report
+    r = edit(hf, task, method=method, **({"rank": 32} if method == "lora" else {})).report
     assert r.success_top1 == 1.0 and r.forget_rate == 1.0
     assert r.remaining >= r.remaining_before - 0.02
 
@@ -512,3 +558,19 @@ def test_formats_are_scored_beside_their_pre_edit_baselines(micro_hf):
     before = evaluate_facts(hf, world, tok, task.facts, template="mcq", choices=choices)
     assert r.template_before["mcq"] == before.accuracy
     assert {f"before/{t}" for t in r.template_before} <= set(r.metrics())
+
+
+# ------------------------------------------------------------------ modes
+def test_sequential_mode_edits_one_tuple_after_another(micro_hf):
+    hf, world, _ = micro_hf
+    task = EditTask.draw(world, "ten_different", seed=2, n=3, correct=hf)
+    r = edit(hf, task, mode="sequential").report
+    sequence = r.settings["sequence"]
+    assert [s["edits"] for s in sequence] == [1, 2, 3] and len(r.settings["steps"]) == 3
+    assert all(0 <= s["success"] <= 1 and 0 <= s["remaining"] <= 1 for s in sequence)
+    assert r.settings["mode"] == "sequential" and r.success_top1 == sequence[-1]["success"]
+    single = EditTask.draw(world, "single", seed=0, correct=hf)
+    batched = edit(hf, single, mode="batched", evaluate=False).model
+    sequential = edit(hf, single, mode="sequential", evaluate=False).model
+    for (name, a), b in zip(batched.named_parameters(), sequential.parameters()):
+        assert torch.equal(a, b), name

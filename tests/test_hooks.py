@@ -147,20 +147,25 @@ def test_capture_matches_run_with_cache(micro_model, inputs):
 
 
 def test_capture_gradients_match_finite_differences(micro_model, inputs):
+    """In float64 with eps 1e-4 the worst |numeric - analytic| / tolerance measured 3e-4 over
+    20 directions x 5 micro models (in float32 with eps 1e-2 the curvature error failed 7 of
+    those 100 checks, so the check runs in float64)."""
+    model = copy.deepcopy(micro_model).double()
     site = Site("mlp_post", 0)
     token = int(inputs.tokens[0, -1])
 
     def logit(logits):
         return logits[:, -1, token]
 
-    got = capture(micro_model, inputs.tokens, [site], grad_of=logit)
+    got = capture(model, inputs.tokens, [site], grad_of=logit)
     assert torch.allclose(got.value, got.logits[:, -1, token])
-    direction = torch.randn(got[site].shape, generator=torch.Generator().manual_seed(1))
-    eps = 1e-2
+    direction = torch.randn(got[site].shape, generator=torch.Generator().manual_seed(1),
+                            dtype=torch.float64)  # fmt: skip
+    eps = 1e-4
     everywhere = torch.ones(inputs.tokens.shape, dtype=torch.bool)
 
     def nudged(step):
-        return patch(micro_model, inputs.tokens, [Patch(site, got[site] + step, everywhere)])
+        return patch(model, inputs.tokens, [Patch(site, got[site] + step, everywhere)])
 
     up, down = (nudged(sign * eps * direction)[:, -1, token] for sign in (1, -1))
     numeric = (up - down) / (2 * eps)

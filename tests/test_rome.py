@@ -134,8 +134,8 @@ def test_rome_edit_is_rank_one_in_one_tensor(micro_hf):
     s = _singular_values(result.model, hf, W_OUT.format(0))
     assert s[0] > 0 and s[1] < 1e-5 * s[0]
     settings = result.report.settings
-    assert settings["mode"] == "single" and settings["blocks"] == [0]
-    assert settings["rome"] == fast.to_dict() and len(settings["edits"]) == 1
+    assert settings["mode"] == "sequential" and settings["blocks"] == [0]
+    assert settings["config"] == fast.to_dict() and len(_updates(settings)) == 1
     x = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(
         result.hooked(x), result.model(input_ids=x).logits, atol=1e-4, rtol=1e-4
@@ -151,7 +151,7 @@ def test_multi_tuple_tasks_apply_rome_sequentially(micro_hf):
     result = edit(hf, task, method="rome", rome=fast, evaluate=False)
     r = result.report
     assert r.settings["mode"] == "sequential" and r.settings["skipped"] == 0
-    assert [e["fact"] for e in r.settings["edits"]] == task.facts.tolist()
+    assert [e["fact"] for e in _updates(r.settings)] == task.facts.tolist()
     assert set(r.changed) == {W_OUT.format(0)}
     distinct = len(np.unique(tok.entity_tokens("subject", task.facts[:, 0])[:, -1]))
     s = _singular_values(result.model, hf, W_OUT.format(0))
@@ -159,7 +159,7 @@ def test_multi_tuple_tasks_apply_rome_sequentially(micro_hf):
     forget = EditTask.draw(world, "forget")
     r = edit(hf, forget, method="rome", rome=RomeConfig(layer=0, v_steps=1), evaluate=False).report
     already = int((world.facts(0)[:, 2] == 0).sum())
-    assert r.settings["skipped"] == already and len(r.settings["edits"]) == 40 - already
+    assert r.settings["skipped"] == already and len(_updates(r.settings)) == 40 - already
 
 
 def test_rome_input_errors(micro_hf):
@@ -179,7 +179,9 @@ def test_rome_input_errors(micro_hf):
             edit(hf, task, method="rome", blocks=[0], components=components)
     with pytest.raises(ValueError, match=r"blocks=\[1\] and rome.layer=0 disagree"):
         edit(hf, task, method="rome", blocks=[1], rome=RomeConfig(layer=0))
-    with pytest.raises(ValueError, match="ROME takes no lr or steps"):
+    with pytest.raises(
+        ValueError, match=r"method 'rome' has no setting \['lr'\]: it takes \['clamp_norm_factor'"
+    ):
         edit(hf, task, method="rome", lr=1e-3)
     with pytest.raises(ValueError, match="rome= configures method='rome', not 'lora'"):
         edit(hf, task, method="lora", rome=RomeConfig())
@@ -202,3 +204,8 @@ def test_shipped_single_override_by_rome_keeps_the_rest(seed):
     assert r.success_top1 == 1.0 and r.forget_rate == 1.0
     assert r.remaining >= r.remaining_before - 0.02
     assert set(r.changed) == {W_OUT.format(3)}
+
+
+def _updates(settings) -> list[dict]:
+    """The ROME updates of a report's settings, in the order they were applied."""
+    return [u for step in settings["steps"] for u in step["edits"]]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from behemoth_interp import CorpusConfig, WorldConfig, build_world
 from behemoth_interp.corpus import Corpus
 from behemoth_interp.errors import Diverged, InvalidArgument, MissingInput, OutputExists
-from behemoth_interp.train import EpochBatches, TrainConfig, capacity_search, train
+from behemoth_interp.train import EpochBatches, TrainConfig, train
 
 MICRO_WORLD = WorldConfig(n_subjects=24, n_relations=2, n_objects=9, seed=4)
 MICRO_TRAIN = dict(
@@ -32,11 +32,14 @@ def micro_dir(tmp_path_factory):
 
 
 def test_micro_world_learns(micro_dir, tmp_path):
+    """Measured over training seeds 0-9 on this world and world seeds 5 and 6: final accuracy
+    0.50-0.77 (0.604-0.771 on this world), accuracy at the first evaluation (step 25) at most
+    0.292, final / first loss at most 0.231: asserted with those margins."""
     config = TrainConfig(steps=150, epochs=None, **MICRO_TRAIN)
     log = train(micro_dir, tmp_path / "m", config, progress=False)
     first, last = log["history"][0], log["history"][-1]
-    assert last["loss"] < 0.5 * first["loss"]
-    assert first["accuracy"] <= 0.3 and last["accuracy"] >= 0.6  # chance is 1/9
+    assert last["loss"] < 0.35 * first["loss"]
+    assert first["accuracy"] <= 0.35 and last["accuracy"] >= 0.45  # chance is 1/9
     assert log["final"]["top1"] == pytest.approx(last["accuracy"])  # eval set is the whole world
     saved = json.loads((tmp_path / "m" / "train_log.json").read_text())
     assert saved["final"] == log["final"] and saved["step"] == 150
@@ -116,23 +119,6 @@ def test_bad_train_config(kwargs, match):
 def test_train_config_round_trips():
     c = TrainConfig(lr=2e-3, steps=7, epochs=None, schedule="cosine", loss_on="object")
     assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
-
-
-def test_capacity_search_on_a_tiny_budget(tmp_path):
-    probes = capacity_search(
-        WorldConfig(n_relations=1, n_objects=4),
-        CorpusConfig(block_len=32),
-        TrainConfig(steps=40, epochs=None, **{**MICRO_TRAIN, "eval_every": 40}),
-        target=0.9,
-        low=2,
-        high=64,
-        iterations=3,
-        workdir=tmp_path,
-    )
-    assert [p["n_subjects"] for p in probes][0] == 33
-    for before, after in zip(probes, probes[1:]):  # bisection moves toward the boundary
-        assert (after["n_subjects"] > before["n_subjects"]) == before["reached"]
-    assert all(0 <= p["accuracy"] <= 1 for p in probes)
 
 
 def test_warm_up_curriculum_trains_on_few_subjects_first(micro_dir):

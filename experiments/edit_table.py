@@ -1,0 +1,159 @@
+"""The editing results of docs/editing.md: every method on the paper's four tasks, and every
+unlearning objective on the forget task, on a shipped model, over seeds with 95% intervals.
+
+Each cell is one `bi.edit` per seed: the fine-tuning methods pick their learning rate per seed
+with `select_lr` (the paper's criterion on training-time data: success first for edits, the
+forget rate first for unlearning objectives, then remaining accuracy); the locate-then-edit
+methods have no learning rate to pick. Rows are written to --csv as they finish (a killed run
+continues with --resume), and the markdown tables are printed at the end.
+
+    python experiments/edit_table.py --seeds 3 --csv edit_table.csv [--resume]
+    python experiments/edit_table.py --objectives --seeds 3 --csv objectives.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+import behemoth_interp as bi
+from behemoth_interp.grammar import PARAPHRASES
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "independent"
+METHODS = {
+    "ROME": dict(method="rome"),
+    "MEMIT": dict(method="memit"),
+    "AlphaEdit": dict(method="alphaedit"),
+    "LoRA 32": dict(method="lora", rank=32),
+    "LoRA 64": dict(method="lora", rank=64),
+    "LoRA 128": dict(method="lora", rank=128),
+    "full FT": dict(method="finetune"),
+}
+LRS = {"lora": (3e-4, 1e-3, 3e-3), "finetune": (1e-4, 3e-4, 1e-3)}
+OBJECTIVES = {
+    "GA": bi.GradientAscent(),
+    "GradDiff": bi.GradientDifference(retain="nll"),
+    "GradDiff-KL": bi.GradientDifference(retain="kl"),
+    "NPO": bi.NPO(),
+    "NPO+retain": bi.NPO(retain="nll"),
+    "SimNPO": bi.SimNPO(),
+    "DPO": bi.DPO(),
+    "RMU": bi.RMU(),
+    "localized (002)": bi.Localized(injection=0.0, retain=1.0, sft=1.0, forget=1.0),
+    "CE (Behemoth)": bi.CrossEntropy(),
+}
+TASK_N = {"ten_same": 6, "ten_different": 10}
+"""ten_same needs n subjects sharing one object: the 400-subject world has at most 6."""
+DETERMINISTIC = ("rome", "memit", "alphaedit")
+"""Their forget task is the same every seed (every tuple of r -> object 0) and their edits use
+no seeded randomness: one run stands for all seeds there."""
+
+
+def run_cell(hf, world, task, kwargs: dict, seed: int, criterion: str) -> dict:
+    start = time.perf_counter()
+    method = kwargs["method"]
+    if method in LRS:
+        search = bi.select_lr(hf, task, lrs=LRS[method], seed=seed, criterion=criterion,
+                              **kwargs)  # fmt: skip
+        report, lr = search.best.report, search.best_lr
+    else:
+        report, lr = bi.edit(hf, task, seed=seed, **kwargs).report, None
+    paraphrase = [report.template_success[t] for t in PARAPHRASES]
+    paraphrase_before = [report.template_before[t] for t in PARAPHRASES]
+    return {"seed": seed, "lr": lr, "success": report.success_top1,
+            "success_top2": report.success_top2, "forget_rate": report.forget_rate,
+            "remaining": report.remaining, "remaining_before": report.remaining_before,
+            "paraphrase": np.mean(paraphrase), "paraphrase_before": np.mean(paraphrase_before),
+            "mcq": report.template_success["mcq"], "mcq_before": report.template_before["mcq"],
+            "edit_seconds": report.settings["seconds"],
+            "seconds": time.perf_counter() - start}  # fmt: skip
+
+
+def interval(values, digits: int = 3) -> str:
+    """mean ± half-width of the 95% t-interval over seeds (just the mean for one value)."""
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return "–"
+    if len(v) == 1 or np.all(v == v[0]):
+        return f"{v.mean():.{digits}f}"
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return f"{v.mean():.{digits}f} ± {half:.{digits}f}"
+
+
+def markdown(df: pd.DataFrame, first: str, columns: dict[str, str]) -> str:
+    head = f"| {first} | " + " | ".join(columns.values()) + " | seeds |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
+    for (task, name), cell in df.groupby(["task", "name"], sort=False):
+        label = name if first == "objective" else f"{task} · {name}"
+        values = [interval(cell[c], DIGITS.get(c, 3)) for c in columns]
+        lines.append(f"| {label} | " + " | ".join(values) + f" | {len(cell)} |")
+    return "\n".join(lines)
+
+
+DIGITS = {"remaining": 4, "edit_seconds": 1}
+EDIT_COLUMNS = {"success": "success", "remaining": "remaining", "paraphrase": "paraphrase",
+                "paraphrase_before": "(before)", "mcq": "MCQ", "mcq_before": "(before)",
+                "edit_seconds": "s / edit"}  # fmt: skip
+FORGET_COLUMNS = {"forget_rate": "forget rate", "success": "→ object 0",
+                  "remaining": "remaining", "paraphrase": "paraphrase → 0", "mcq": "MCQ → 0",
+                  "edit_seconds": "s / edit"}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--tasks", default="single,ten_same,ten_different,forget")
+    p.add_argument("--methods", default=",".join(METHODS), help="of: " + ", ".join(METHODS))
+    p.add_argument("--objectives", action="store_true", help="unlearning objectives (forget)")
+    p.add_argument("--csv", type=Path, required=True, help="rows, written as they finish")
+    p.add_argument("--resume", action="store_true", help="skip the rows already in --csv")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.csv.exists() and not a.resume:
+        p.error(f"{a.csv} exists: pass --resume to continue it, or choose another --csv")
+    done = pd.read_csv(a.csv) if a.resume and a.csv.exists() else pd.DataFrame()
+    hf, world, _ = bi.load_hf(a.model)
+    print(f"model {a.model}: {world!r}, threads {torch.get_num_threads()}", flush=True)
+    if a.objectives:
+        cells = [("forget", name, dict(method="finetune", objective=o), "forget")
+                 for name, o in OBJECTIVES.items()]  # fmt: skip
+    else:
+        cells = [(kind, name, METHODS[name], "success") for kind in a.tasks.split(",")
+                 for name in a.methods.split(",")]  # fmt: skip
+    rows = done.to_dict("records")
+    for kind, name, kwargs, criterion in cells:
+        for seed in range(a.seeds):
+            if any(r["task"] == kind and r["name"] == name and r["seed"] == seed for r in rows):
+                continue
+            if seed and kind == "forget" and kwargs["method"] in DETERMINISTIC:
+                continue
+            task = bi.EditTask.draw(world, kind, seed=seed, n=TASK_N.get(kind, 10), correct=hf)
+            row = {"task": kind, "name": name, **run_cell(hf, world, task, kwargs, seed, criterion)}
+            rows.append(row)
+            pd.DataFrame(rows).to_csv(a.csv, index=False)
+            print(f"{kind:<14} {name:<16} seed {seed}: success {row['success']:.3f} forget "
+                  f"{row['forget_rate']:.3f} remaining {row['remaining']:.4f} "
+                  f"({row['seconds']:.0f} s)", flush=True)  # fmt: skip
+    df = pd.DataFrame(rows)
+    if a.objectives:
+        print(markdown(df, "objective", FORGET_COLUMNS))
+    else:
+        edits = df[df.task != "forget"]
+        if len(edits):
+            print(markdown(edits, "task · method", EDIT_COLUMNS))
+        if (df.task == "forget").any():
+            print(markdown(df[df.task == "forget"], "task · method", FORGET_COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
