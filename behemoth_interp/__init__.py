@@ -59,6 +59,7 @@ from behemoth_interp.model import (
     load_model,
     to_hooked,
 )
+from behemoth_interp.oracle import oracle, oracle_path
 from behemoth_interp.probe import (
     LatentKnowledge,
     Localization,
@@ -77,6 +78,8 @@ from behemoth_interp.world import Fact, World, WorldConfig
 
 __all__ = [
     "DPO",
+    "oracle",
+    "oracle_path",
     "METHODS",
     "MODES",
     "NPO",

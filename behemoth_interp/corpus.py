@@ -270,8 +270,15 @@ def build_world(
 
     The directory appears complete or not at all.
     """
-    world = World.generate(config)
-    tokenizer = WorldTokenizer(config)
+    return write_world(World.generate(config), corpus, out, overwrite=overwrite)
+
+
+def write_world(
+    world: World, corpus: CorpusConfig, out: str | Path, *, overwrite: bool = False
+) -> tuple[World, WorldTokenizer, Corpus]:
+    """Write `world` (generated or changed, e.g. an oracle's), its tokenizer and its corpus
+    into `out`, atomically."""
+    tokenizer = WorldTokenizer(world.config)
     packed = Corpus.build(world, tokenizer, corpus)
 
     def fill(tmp: Path) -> None:

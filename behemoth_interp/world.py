@@ -378,6 +378,23 @@ class World:
             )
         return world
 
+    def with_objects(self, facts: np.ndarray, objects: np.ndarray) -> World:
+        """This world with the base tuples `facts` [n, 3] given the new `objects` [n]: the world
+        an edit says should be. Implied (nested) tuples follow by construction; a correlated
+        partner keeps its object unless it is edited too."""
+        facts = np.asarray(facts, dtype=np.int64).reshape(-1, 3)
+        objects = np.asarray(objects, dtype=np.int64).reshape(-1)
+        if len(objects) != len(facts):
+            raise InvalidArgument(f"{len(facts)} tuples but {len(objects)} objects: one each")
+        if len(facts) and facts[:, 1].max() >= self.config.n_relations:
+            raise InvalidArgument("only base tuples can be changed: their dependents follow")
+        self.objects_of(facts[:, 0], facts[:, 1])  # validates subjects and relations
+        if len(objects) and (objects.min() < 0 or objects.max() >= self.config.n_objects):
+            raise InvalidArgument(f"objects must lie in 0..{self.config.n_objects - 1}")
+        table = self.objects.copy()
+        table[facts[:, 0], facts[:, 1]] = objects
+        return World(self.config, table, self.nested_map)
+
     @property
     def fingerprint(self) -> str:
         """sha256 of the config and every fact: equal fingerprints mean the same world.

@@ -4,7 +4,7 @@ A single override (Behemoth section 4.6) by each method, timed without evaluatio
 `--repeats` tasks, same machine and run; then one ten_different task (n=10) by MEMIT and
 AlphaEdit in one batch against ROME's ten sequential edits. The methods are those of the
 results tables (`experiments/edit_table.py`, which makes docs/editing.md's tables), plus ROME
-at its own site.
+at its own site, which the tables leave out of forgetting.
 
     python benchmarks/edit.py [--model DIR] [--repeats 3] [--threads 1]
 """
@@ -20,17 +20,11 @@ from pathlib import Path
 
 import torch
 
-from behemoth_interp import EditTask, RomeConfig, edit, load_hf
+from behemoth_interp import EditTask, edit, load_hf
 from behemoth_interp.edit import get_method
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from edit_table import DEFAULT_MODEL  # noqa: E402
-from edit_table import METHODS as TABLE_METHODS  # noqa: E402
-
-METHODS = {
-    **TABLE_METHODS,
-    "ROME subject": dict(method="rome", rome=RomeConfig(layer=0, position="last_subject")),
-}
+from edit_table import DEFAULT_MODEL, METHODS  # noqa: E402
 
 
 def _time_edits(hf, world, methods: dict, repeats: int) -> None:

@@ -20,7 +20,7 @@ from behemoth_interp.edit.datasets import (
     edit_dataset,
     general_data,
 )
-from behemoth_interp.edit.evaluation import changed_parameters, evaluate_edit
+from behemoth_interp.edit.evaluation import changed_parameters, evaluate_edit, oracle_distance
 from behemoth_interp.edit.methods.alphaedit import AlphaEditConfig
 from behemoth_interp.edit.methods.finetune import FinetuneConfig
 from behemoth_interp.edit.methods.lora import LoraConfig
@@ -60,7 +60,7 @@ __all__ = [
     "GradientAscent", "GradientDifference", "Localized", "LoraConfig", "LrSearch", "MemitConfig",
     "Method",
     "Objective", "RomeConfig", "RomeUpdate", "SimNPO", "Where", "apply_rome",
-    "changed_parameters", "edit", "edit_dataset", "evaluate_edit", "general_data",
+    "changed_parameters", "edit", "oracle_distance", "edit_dataset", "evaluate_edit", "general_data",
     "get_method", "get_objective", "key_covariance", "lora_modules", "register", "select_lr",
     "trainable_parameters",
 ]  # fmt: skip

@@ -50,7 +50,7 @@ class EditResult:
 
 RATE_METRICS = ("success_top1", "success_top2", "success_top1_all", "forget_rate",
                 "remaining_before", "remaining", "dependent_kept", "dependent_followed",
-                "dependent_followed_all")  # fmt: skip
+                "dependent_followed_all", "oracle_agreement", "oracle_kl")  # fmt: skip
 
 
 @dataclass
@@ -68,8 +68,9 @@ class EditReport:
     the edit (None without such dependents); template_success: success_top1 in each paraphrase
     and the 'mcq' format (its choices always list the original and the new object);
     template_before: the unedited model's accuracy on the same tuples with their original
-    objects in the same formats (was the format learned at all?); changed: parameter name ->
-    number of elements changed.
+    objects in the same formats (was the format learned at all?); oracle_agreement,
+    oracle_kl: the distance to the edit's exact oracle (`oracle_distance`, when one was given);
+    changed: parameter name -> number of elements changed.
     """
 
     task: str
@@ -85,6 +86,8 @@ class EditReport:
     dependent_followed_all: float | None = None
     template_success: dict[str, float] = field(default_factory=dict)
     template_before: dict[str, float] = field(default_factory=dict)
+    oracle_agreement: float | None = None
+    oracle_kl: float | None = None
     changed: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
