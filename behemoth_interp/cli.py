@@ -119,6 +119,9 @@ def train_cmd(
     warmup: int = typer.Option(0, help="Linear learning-rate warmup steps."),
     warm_steps: int = typer.Option(0, help="Curriculum: first steps on a few subjects only."),
     warm_fraction: float = typer.Option(0.1, help="Curriculum: fraction of subjects first."),
+    fresh_choices: bool = typer.Option(
+        False, "--fresh-choices", help="Multiple-choice candidates drawn anew every epoch."
+    ),
     schedule: str = typer.Option("constant", help="constant (the paper) or cosine."),
     min_lr_ratio: float = typer.Option(0.0, help="Cosine floor as a fraction of --lr."),
     loss_on: str = typer.Option("all", help="all tokens (the paper) or object tokens only."),
@@ -144,7 +147,7 @@ def train_cmd(
     config = TrainConfig(
         preset=preset, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
         epochs=epochs if epochs is not None or steps is not None else 10, steps=steps,
-        warmup_steps=warmup, warm_steps=warm_steps, warm_fraction=warm_fraction, schedule=schedule, min_lr_ratio=min_lr_ratio, loss_on=loss_on, seed=seed,  # type: ignore[arg-type]
+        warmup_steps=warmup, warm_steps=warm_steps, warm_fraction=warm_fraction, fresh_choices=fresh_choices, schedule=schedule, min_lr_ratio=min_lr_ratio, loss_on=loss_on, seed=seed,  # type: ignore[arg-type]
         eval_every=eval_every, save_every=save_every, save_optimizer=not no_optimizer,
     )  # fmt: skip
     command = "behemoth-interp " + " ".join(sys.argv[1:])
@@ -562,6 +565,49 @@ def probe_cmd(
                 typer.echo(f"FLU localization: blocks {list(flu_layers(result))}")
             except ValueError as err:
                 typer.echo(f"no FLU localization: {err}")
+
+
+@app.command("sweep")
+def sweep_cmd(
+    spec: Path = typer.Argument(..., help="A sweep spec (.yaml or .json)."),
+    out: Path = typer.Option(..., "--out", help="The store directory (a rerun resumes it)."),
+    executor: str = typer.Option("ray", help="ray (workers in parallel) or local (in process)."),
+    workers: int = typer.Option(1, help="Ray workers (actors), each with the spec's threads."),
+    address: Optional[str] = typer.Option(None, help="A running Ray cluster (default: embedded)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count and time the runs; run none."),
+    calibrate: bool = typer.Option(
+        True, help="--dry-run: time one run per model/method/task the store has no cost for."
+    ),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again."),
+) -> None:
+    """Run a sweep spec into a content-addressed store; runs already stored are skipped."""
+    from behemoth_interp import sweep
+
+    if dry_run:
+        typer.echo(sweep.dry_run(spec, out, workers=workers, calibrate=calibrate,
+                                 retry_failed=retry_failed))  # fmt: skip
+        return
+    summary = sweep.run_sweep(spec, out, executor=executor, workers=workers, address=address,
+                              retry_failed=retry_failed)  # fmt: skip
+    typer.echo(summary)
+
+
+@app.command("report")
+def report_cmd(
+    store: Path = typer.Argument(..., help="A sweep store written by `sweep`."),
+    out: Path = typer.Option(..., "--out", help="The .html page to write."),
+    force: bool = typer.Option(False, "--force", help="Replace a report page written before."),
+) -> None:
+    """The paper's sweep figures of a store, on one HTML page."""
+    from behemoth_interp._io import write_bytes
+    from behemoth_interp.sweep import SweepResult
+
+    if out.suffix != ".html":
+        raise InvalidArgument(f"--out is an .html page, got {out}: e.g. --out report.html")
+    with claim(out, force):
+        result = SweepResult.load(store)
+        write_bytes(out, (REPORT_MARK + "\n" + result.report_html()).encode())
+    typer.echo(f"wrote {result!r} to {out}")
 
 
 def main() -> None:

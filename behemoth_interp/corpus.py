@@ -158,15 +158,21 @@ class Corpus:
         return tokens, roles.astype(np.uint8), lengths
 
     def shuffled(
-        self, seed: int | list[int], pad_id: int, eot_id: int, keep: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, seed: int | list[int], pad_id: int, eot_id: int, keep: np.ndarray | None = None,
+        redraw: tuple[World, WorldTokenizer] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """The same sentences re-packed in a fresh order drawn with `seed`: (tokens, roles).
 
         Training re-packs every epoch so that no sentence keeps its neighbours: a fixed packing
         would let a model predict an object from the sentences before it in the block.
-        `keep` (boolean, one per sentence) packs only a subset.
+        `keep` (boolean, one per sentence) packs only a subset. With `redraw` (the corpus's
+        world and tokenizer) the multiple-choice sentences list freshly drawn candidates
+        (seeded by `seed` too): a fixed list per sentence lets a model learn the answer of the
+        list instead of the fact (measured: 100% on the corpus's lists, 81% on new ones).
         """
         tokens, roles, lengths = self.sentence_rows()
+        if redraw is not None:
+            self._redraw_choices(tokens, roles, seed, *redraw)
         if keep is not None:
             tokens, roles, lengths = tokens[keep], roles[keep], lengths[keep]
         order = np.random.default_rng(seed).permutation(len(lengths))
@@ -175,6 +181,22 @@ class Corpus:
             self.tokens.dtype,
         )  # fmt: skip
         return packed_tokens, packed_roles
+
+    def _redraw_choices(self, tokens, roles, seed, world: World, tokenizer: WorldTokenizer):
+        """Re-render the multiple-choice sentences in place with candidates drawn anew."""
+        t = self.sentences
+        names = np.asarray(t.column("template").to_pylist(), dtype=object)
+        asks = np.isin(names, [n for n in set(names.tolist()) if get_template(n).is_choice])
+        if not asks.any():
+            return
+        facts = np.stack([t.column(c).to_numpy() for c in ("subject", "relation", "object")], 1)
+        draw = int(np.random.default_rng([*np.atleast_1d(seed).tolist(), 3]).integers(2**31))
+        sent = render(world, tokenizer, facts[asks], names[asks], n_choices=self.config.n_choices,
+                      seed=draw)  # fmt: skip
+        assert (sent.lengths == t.column("length").to_numpy()[asks]).all()
+        width = sent.tokens.shape[1]
+        tokens[asks, :width] = np.where(sent.roles == PAD_ROLE, tokens[asks, :width], sent.tokens)
+        roles[asks, :width] = np.where(sent.roles == PAD_ROLE, roles[asks, :width], sent.roles)
 
     def save(
         self, path: str | Path, world: World | None = None, *, overwrite: bool = False

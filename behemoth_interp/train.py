@@ -42,6 +42,7 @@ from behemoth_interp.errors import (
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import OBJECT, PAD_ROLE
 from behemoth_interp.model import build_model, get_preset, is_checkpoint, load_hf, write_checkpoint
+from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
 
 TRAIN_STATE = "training_state.pt"
@@ -52,6 +53,8 @@ TRAIN_LOG = "train_log.json"
 class TrainConfig(JsonConfig):
     """Optimization settings. Give `epochs` or `steps` (steps wins when both are set).
 
+    fresh_choices: multiple-choice sentences list newly drawn candidates every epoch (a
+    fixed list per sentence is memorized as a shortcut; see `Corpus.shuffled`).
     loss_on: 'all' trains on every non-pad token (the paper); 'object' only on object tokens,
     which spends the whole gradient on the facts (subject tokens are unpredictable by design).
     schedule: 'constant' (the paper) or 'cosine' decay to `min_lr_ratio * lr` after warmup.
@@ -75,6 +78,7 @@ class TrainConfig(JsonConfig):
     save_optimizer: bool = True
     warm_steps: int = 0
     warm_fraction: float = 0.1
+    fresh_choices: bool = False
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
@@ -133,9 +137,9 @@ class EpochBatches:
 
     def __init__(
         self, corpus: Corpus, batch_size: int, seed: int | list[int], pad_id: int, eot_id: int,
-        keep: np.ndarray | None = None,
+        keep: np.ndarray | None = None, redraw=None,
     ):  # fmt: skip
-        self.corpus, self.batch_size, self.keep = corpus, batch_size, keep
+        self.corpus, self.batch_size, self.keep, self.redraw = corpus, batch_size, keep, redraw
         self.seed = list(np.atleast_1d(seed).tolist())
         self.pad_id, self.eot_id = pad_id, eot_id
         lengths = corpus.sentences.column("length").to_numpy()
@@ -167,7 +171,8 @@ class EpochBatches:
         epoch, i = self.locate(step)
         if self._epoch is None or self._epoch[0] != epoch:
             seed = self._seed(epoch)
-            tokens, roles = self.corpus.shuffled(seed, self.pad_id, self.eot_id, self.keep)
+            tokens, roles = self.corpus.shuffled(seed, self.pad_id, self.eot_id, self.keep,
+                                                 self.redraw)  # fmt: skip
             perm = np.random.default_rng([*seed, 1]).permutation(len(tokens))
             self._epoch = (epoch, tokens, roles, perm)
         _, tokens, roles, perm = self._epoch
@@ -185,7 +190,9 @@ class Schedule:
 
     def __init__(self, corpus: Corpus, world: World, config: TrainConfig, pad_id: int, eot_id: int):
         self.warm_steps = config.warm_steps
-        self.main = EpochBatches(corpus, config.batch_size, config.seed, pad_id, eot_id)
+        redraw = (world, WorldTokenizer(world.config)) if config.fresh_choices else None
+        self.main = EpochBatches(corpus, config.batch_size, config.seed, pad_id, eot_id,
+                                 redraw=redraw)  # fmt: skip
         self.warm = None
         if config.warm_steps:
             s = corpus.sentences
@@ -197,7 +204,7 @@ class Schedule:
                     "warm_fraction keeps no sentence: raise it or set warm_steps=0"
                 )
             self.warm = EpochBatches(
-                corpus, config.batch_size, [config.seed, 2], pad_id, eot_id, keep
+                corpus, config.batch_size, [config.seed, 2], pad_id, eot_id, keep, redraw
             )
         self.total = config.steps if config.steps is not None else (
             config.warm_steps + sum(self.main.steps_in(e) for e in range(config.epochs))

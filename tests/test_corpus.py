@@ -220,3 +220,27 @@ def test_saved_config_rebuilds_the_same_corpus(worlds, tmp_path):
     again = Corpus.build(world, tok, Corpus.load(tmp_path / "c").config)
     assert np.array_equal(again.tokens, corpus.tokens)
     assert again.sentences.equals(corpus.sentences)
+
+
+def test_fresh_choices_redraw_only_the_candidates(worlds):
+    from behemoth_interp.grammar import CHOICE, OBJECT
+
+    world, tok = worlds["independent"]
+    corpus = Corpus.build(world, tok, CorpusConfig((("mcq", 1.0), ("paper", 1.0)), block_len=64))
+    plain = corpus.shuffled(3, tok.pad_id, tok.eot_id)
+    a = corpus.shuffled(3, tok.pad_id, tok.eot_id, redraw=(world, tok))
+    b = corpus.shuffled(3, tok.pad_id, tok.eot_id, redraw=(world, tok))
+    other = corpus.shuffled(4, tok.pad_id, tok.eot_id, redraw=(world, tok))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # a pure function of the seed
+    assert np.array_equal(a[1], plain[1])  # same layout: every role where it was
+    choice = a[1] == CHOICE
+    assert (a[0] != plain[0])[choice].any() and np.array_equal(a[0][~choice], plain[0][~choice])
+    assert other[0].shape != a[0].shape or not np.array_equal(other[0], a[0])
+    # every multiple-choice sentence still lists its own answer among its candidates
+    tokens, roles, _ = corpus.sentence_rows()
+    corpus._redraw_choices(tokens, roles, 3, world, tok)
+    for row, role in zip(tokens, roles):
+        if (role == CHOICE).any():
+            answer = tuple(row[role == OBJECT])
+            candidates = row[role == CHOICE].reshape(-1, len(answer))
+            assert answer in {tuple(c) for c in candidates}
