@@ -36,6 +36,7 @@ from behemoth_interp.edit import (
     evaluate_edit,
     key_covariance,
     select_lr,
+    training_scores,
 )
 from behemoth_interp.evaluate import FactAccuracy, evaluate_facts
 from behemoth_interp.grammar import PARAPHRASES, ROLES, TEMPLATES, Sentences, Template, render
@@ -71,6 +72,7 @@ from behemoth_interp.probe import (
 )
 from behemoth_interp.rank import MoveRank, move_rank
 from behemoth_interp.restore import KRSResult, RestoreConfig, restore, window_layers
+from behemoth_interp.sweep import SweepResult, SweepSpec, dry_run, reproduce, run_sweep
 from behemoth_interp.tokenizer import OutOfVocabularyError, WorldTokenizer
 from behemoth_interp.trace import TraceConfig, TraceResult, find_partners, sample_tuples, trace
 from behemoth_interp.train import TrainConfig, train
@@ -116,11 +118,17 @@ __all__ = [
     "RestoreConfig",
     "restore",
     "window_layers",
+    "SweepResult",
+    "SweepSpec",
+    "dry_run",
+    "reproduce",
+    "run_sweep",
     "RomeConfig",
     "RomeUpdate",
     "apply_rome",
     "key_covariance",
     "select_lr",
+    "training_scores",
     "PRESETS",
     "FactAccuracy",
     "ModelConfig",

@@ -40,6 +40,21 @@ def write_bytes(path: str | os.PathLike, payload: bytes) -> None:
         tmp.write_bytes(payload)
 
 
+REPORT_MARK = "<!-- written by behemoth-interp -->"
+"""The first line of every HTML page the project writes: what --force may replace."""
+
+
+def write_page(path: str | os.PathLike, html: str) -> None:
+    """An HTML page, marked as ours (`REPORT_MARK`), written atomically."""
+    write_bytes(path, (REPORT_MARK + "\n" + html).encode())
+
+
+def is_report(path: Path) -> bool:
+    """Whether the file at `path` is an HTML page this program wrote (which --force replaces)."""
+    with open(path, "rb") as f:
+        return f.read(len(REPORT_MARK)) == REPORT_MARK.encode()
+
+
 # ------------------------------------------------------------------ one writer per output
 _HELD: dict[Path, int] = {}
 

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 import typer
 
+from behemoth_interp._io import is_report, write_page
 from behemoth_interp.capacity import capacity_search
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
 from behemoth_interp.edit import METHODS, OBJECTIVES
@@ -267,20 +268,9 @@ def demo(
     typer.echo(f"\nheatmaps: {out.resolve()}")
 
 
-REPORT_MARK = "<!-- written by behemoth-interp -->"
-
-
-def is_report(path: Path) -> bool:
-    """Whether the file at `path` is an HTML page this program wrote (which --force replaces)."""
-    with open(path, "rb") as f:
-        return f.read(len(REPORT_MARK)) == REPORT_MARK.encode()
-
-
 def write_html(figure, path: Path) -> None:
     """A plotly figure as a standalone HTML page, marked as ours, written atomically."""
-    from behemoth_interp._io import write_bytes
-
-    write_bytes(path, (REPORT_MARK + "\n" + figure.to_html(include_plotlyjs=True)).encode())
+    write_page(path, figure.to_html(include_plotlyjs=True))
 
 
 @contextmanager
@@ -599,15 +589,34 @@ def report_cmd(
     force: bool = typer.Option(False, "--force", help="Replace a report page written before."),
 ) -> None:
     """The paper's sweep figures of a store, on one HTML page."""
-    from behemoth_interp._io import write_bytes
     from behemoth_interp.sweep import SweepResult
 
     if out.suffix != ".html":
         raise InvalidArgument(f"--out is an .html page, got {out}: e.g. --out report.html")
     with claim(out, force):
         result = SweepResult.load(store)
-        write_bytes(out, (REPORT_MARK + "\n" + result.report_html()).encode())
+        write_page(out, result.report_html())
     typer.echo(f"wrote {result!r} to {out}")
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    paper: str = typer.Argument(..., help="The paper whose experiments to run: behemoth."),
+    scale: str = typer.Option("quick", help="quick (minutes on one core) or paper (full grid)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Directory of the stores and report (default: reproduce/PAPER-SCALE)."
+    ),
+    executor: str = typer.Option("ray", help="ray (workers in parallel) or local (in process)."),
+    workers: int = typer.Option(1, help="Ray workers (actors), each with the spec's threads."),
+    address: Optional[str] = typer.Option(None, help="A running Ray cluster (default: embedded)."),
+) -> None:
+    """Run a paper's committed sweep specs (experiments/sweeps/*-SCALE.yaml) and write one
+    report; a rerun into the same --out resumes."""
+    from behemoth_interp.sweep.reproduce import reproduce
+
+    out = out or Path("reproduce") / f"{paper}-{scale}"
+    typer.echo(reproduce(paper, out, scale=scale, executor=executor, workers=workers,
+                         address=address))  # fmt: skip
 
 
 def main() -> None:

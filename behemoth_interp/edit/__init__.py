@@ -7,7 +7,7 @@
   RMU, the localized loss), registered by name;
 - `registry` and `methods/`: the methods behind one protocol (finetune, lora, rome, ...);
 - `covariance`, `values`: what the locate-then-edit methods share (key statistics, v*);
-- `evaluation`, `report`: the `EditReport` of an edited model; `search`: `select_lr`;
+- `evaluation`, `report`: the `EditReport` of an edited model; `search`: `select_lr` and the `training_scores` it ranks by;
 - `run`: `edit()`, the single entry point.
 """
 
@@ -48,19 +48,17 @@ from behemoth_interp.edit.report import (
     EditResult,
 )
 from behemoth_interp.edit.run import edit
-from behemoth_interp.edit.search import LrSearch, select_lr
+from behemoth_interp.edit.search import LrSearch, select_lr, training_scores
 from behemoth_interp.edit.selection import COMPONENT_CHOICES, lora_modules, trainable_parameters
 from behemoth_interp.edit.tasks import TASKS, EditTask
 
 __all__ = [
     "AlphaEditConfig", "COMPONENT_CHOICES", "DPO", "EDIT_REPORT", "EDIT_TASK", "METHODS",
-    "MODES", "NPO",
-    "OBJECTIVES", "PARTS", "RATE_METRICS", "RMU", "ROME_POSITIONS", "TASKS", "CrossEntropy",
-    "EditDataConfig", "EditDataset", "EditReport", "EditResult", "EditTask", "FinetuneConfig",
-    "GradientAscent", "GradientDifference", "Localized", "LoraConfig", "LrSearch", "MemitConfig",
-    "Method",
-    "Objective", "RomeConfig", "RomeUpdate", "SimNPO", "Where", "apply_rome",
-    "changed_parameters", "edit", "oracle_distance", "edit_dataset", "evaluate_edit", "general_data",
-    "get_method", "get_objective", "key_covariance", "lora_modules", "register", "select_lr",
-    "trainable_parameters",
+    "MODES", "NPO", "OBJECTIVES", "PARTS", "RATE_METRICS", "RMU", "ROME_POSITIONS", "TASKS",
+    "CrossEntropy", "EditDataConfig", "EditDataset", "EditReport", "EditResult", "EditTask",
+    "FinetuneConfig", "GradientAscent", "GradientDifference", "Localized", "LoraConfig",
+    "LrSearch", "MemitConfig", "Method", "Objective", "RomeConfig", "RomeUpdate", "SimNPO",
+    "Where", "apply_rome", "changed_parameters", "edit", "oracle_distance", "edit_dataset",
+    "evaluate_edit", "general_data", "get_method", "get_objective", "key_covariance",
+    "lora_modules", "register", "select_lr", "training_scores", "trainable_parameters",
 ]  # fmt: skip

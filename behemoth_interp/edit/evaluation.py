@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -45,6 +46,7 @@ def evaluate_edit(
     seed: int = 0,
     templates: tuple[str, ...] = (*PARAPHRASES, "mcq"),
     oracle: GPTNeoXForCausalLM | None = None,
+    baseline: EditBaseline | None = None,
 ) -> EditReport:
     """Score an edited model on `task` (a model of the task's world, HF or HookedTransformer).
 
@@ -52,6 +54,8 @@ def evaluate_edit(
     and the parameters changed; with `oracle` (`bi.oracle`: the model trained on the world as
     the edit says it should be) the distance to it on every tuple (`oracle_distance`).
     `max_remaining` evaluates a seeded sample of the unchanged tuples instead of all of them.
+    `baseline` is `edit_baseline(before, task, ...)` computed once for many edits of one task
+    (a sweep): the same numbers, not recomputed; it must match the task and settings.
     """
     w = task.world
     tok = WorldTokenizer(w.config)
@@ -65,12 +69,14 @@ def evaluate_edit(
         )
     edited = score(task.edited)
     old = score(task.facts)
-    unchanged = task.unchanged()
-    if max_remaining is not None and len(unchanged) > max_remaining:
-        rows = np.random.default_rng([seed, 13]).choice(
-            len(unchanged), max_remaining, replace=False
-        )
-        unchanged = unchanged[np.sort(rows)]
+    unchanged = _unchanged_sample(task, max_remaining, seed)
+    if baseline is not None and before is None:
+        raise InvalidArgument("baseline= is the unedited model's side: pass before= with it")
+    if before is not None:
+        if baseline is None:
+            baseline = edit_baseline(before, task, max_remaining=max_remaining, seed=seed,
+                                     templates=templates)  # fmt: skip
+        baseline.check(task, max_remaining, seed, templates)
     report = EditReport(
         task.kind,
         method or settings.get("method", "unknown"),
@@ -82,14 +88,11 @@ def evaluate_edit(
         settings=settings,
     )
     # the formats ask the changed tuples only; MCQ lists the original and the new object
-    facts, targets = task.facts[changed], task.targets[changed]
     new_facts = task.edited[changed]
-    choices = edit_choices(w, facts, targets, seed=seed) if "mcq" in templates else None
-    for t in templates:
-        ask = {"template": t, "choices": choices if get_template(t).is_choice else None}
+    for t, ask in _format_questions(task, templates, seed):
         report.template_success[t] = score(new_facts, **ask).accuracy
-        if before is not None:
-            report.template_before[t] = evaluate_facts(before, w, tok, facts, **ask).accuracy
+        if baseline is not None:
+            report.template_before[t] = baseline.template_before[t]
     deps, followed = task.dependents()
     if len(deps):
         moved = deps.copy()
@@ -101,13 +104,81 @@ def evaluate_edit(
             report.dependent_kept = score(deps[must]).accuracy
             report.dependent_followed = float(follows[must].mean())
     if before is not None:
-        report.remaining_before = evaluate_facts(before, w, tok, unchanged).accuracy
+        report.remaining_before = baseline.remaining_before
         if isinstance(before, GPTNeoXForCausalLM) and isinstance(model, GPTNeoXForCausalLM):
             report.changed = changed_parameters(before, model)
     if oracle is not None:
         distance = oracle_distance(model, oracle, task)
         report.oracle_agreement, report.oracle_kl = distance["agreement"], distance["kl"]
     return report
+
+
+@dataclass(frozen=True)
+class EditBaseline:
+    """What `evaluate_edit` measures on the unedited model: `remaining_before` (top-1 accuracy
+    on the unchanged tuples it scores) and `template_before` (its accuracy on the changed tuples,
+    original objects, in each format), for one task, `max_remaining`, seed and templates."""
+
+    remaining_before: float
+    template_before: dict[str, float]
+    facts: np.ndarray
+    targets: np.ndarray
+    max_remaining: int | None
+    seed: int
+    templates: tuple[str, ...]
+
+    def check(self, task: EditTask, max_remaining, seed: int, templates) -> None:
+        same = (np.array_equal(self.facts, task.facts) and np.array_equal(self.targets, task.targets)
+                and (self.max_remaining, self.seed, self.templates)
+                == (max_remaining, seed, tuple(templates)))  # fmt: skip
+        if not same:
+            raise InvalidArgument(
+                "baseline= was computed for another task, max_remaining, seed or templates: "
+                "compute it with edit_baseline(before, task, ...) and the same settings"
+            )
+
+
+@torch.inference_mode()
+def edit_baseline(
+    before: GPTNeoXForCausalLM,
+    task: EditTask,
+    *,
+    max_remaining: int | None = None,
+    seed: int = 0,
+    templates: tuple[str, ...] = (*PARAPHRASES, "mcq"),
+) -> EditBaseline:
+    """The unedited model's side of `evaluate_edit(model, task, before=before, ...)` with the
+    same settings, computed once: many edits of one task share it (`baseline=`)."""
+    w = task.world
+    tok = WorldTokenizer(w.config)
+    facts = task.facts[task.changed]
+    template_before = {t: evaluate_facts(before, w, tok, facts, **ask).accuracy
+                       for t, ask in _format_questions(task, templates, seed)}  # fmt: skip
+    remaining = evaluate_facts(before, w, tok, _unchanged_sample(task, max_remaining, seed))
+    return EditBaseline(remaining.accuracy, template_before, task.facts, task.targets,
+                        max_remaining, seed, tuple(templates))  # fmt: skip
+
+
+def _unchanged_sample(task: EditTask, max_remaining: int | None, seed: int) -> np.ndarray:
+    """The unchanged tuples remaining accuracy is scored on: all, or a seeded sample."""
+    unchanged = task.unchanged()
+    if max_remaining is not None and len(unchanged) > max_remaining:
+        rows = np.random.default_rng([seed, 13]).choice(
+            len(unchanged), max_remaining, replace=False
+        )
+        unchanged = unchanged[np.sort(rows)]
+    return unchanged
+
+
+def _format_questions(task: EditTask, templates, seed: int) -> list[tuple[str, dict[str, Any]]]:
+    """(template, evaluate_facts options) for asking the changed tuples in each format; the
+    multiple-choice lists hold the original and the new object."""
+    changed = task.changed
+    needs = any(get_template(t).is_choice for t in templates)
+    choices = edit_choices(task.world, task.facts[changed], task.targets[changed],
+                           seed=seed) if needs else None  # fmt: skip
+    return [(t, {"template": t, "choices": choices if get_template(t).is_choice else None})
+            for t in templates]  # fmt: skip
 
 
 def _check_edited_world(model, task: EditTask) -> None:

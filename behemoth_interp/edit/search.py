@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from behemoth_interp.edit.datasets import EditDataConfig, edit_dataset
 from behemoth_interp.edit.evaluation import evaluate_edit
@@ -70,29 +72,14 @@ def select_lr(
     max_remaining = edit_kwargs.get("max_remaining")
     before = resolve_model(model_or_checkpoint, task)
     config = edit_kwargs.get("config")
-    data = edit_dataset(
-        task, edit_kwargs.get("data") or (config.data if config else EditDataConfig())
-    )
-    trained = data.part == "edit" if task.kind != "forget" else data.part == "forget"
-    edited = np.unique(data.facts[trained], axis=0)
-    w = task.world
-    must = w.objects_of(edited[:, 0], edited[:, 1]) != edited[:, 2]
-    edited = edited[must] if must.any() else edited  # tuples already at their target say nothing
-    kept = np.unique(data.facts[~trained], axis=0)
-    tok = WorldTokenizer(w.config)
+    data = edit_kwargs.get("data") or (config.data if config else EditDataConfig())
     success, remaining, results = [], [], []
     for lr in lrs:
         try:
             result = edit(before, task, lr=lr, evaluate=False, **edit_kwargs)
-            if criterion == "success":
-                success.append(evaluate_facts(result.model, w, tok, edited).accuracy)
-            else:
-                original = edited.copy()
-                original[:, 2] = w.objects_of(edited[:, 0], edited[:, 1])
-                success.append(1 - evaluate_facts(result.model, w, tok, original).accuracy)
-            remaining.append(
-                evaluate_facts(result.model, w, tok, kept).accuracy if len(kept) else 1.0
-            )
+            scores = training_scores(result.model, task, data)
+            success.append(scores[criterion])
+            remaining.append(scores["remaining"])
         except Diverged:  # recorded as NaN, never selected
             result = None
             success.append(float("nan"))
@@ -106,5 +93,30 @@ def select_lr(
     chosen.report = evaluate_edit(chosen.model, task, before=before, settings=chosen.report.settings,
                                   max_remaining=max_remaining, seed=edit_kwargs.get("seed", 0))  # fmt: skip
     if hooked:
-        chosen.hooked = hooked_in_world(chosen.model, w)
+        chosen.hooked = hooked_in_world(chosen.model, task.world)
     return LrSearch(lrs, success, remaining, lrs[best], chosen)
+
+
+@torch.inference_mode()
+def training_scores(model, task: EditTask, data: EditDataConfig | None = None) -> dict[str, Any]:
+    """Scores on the edit's own training data (`edit_dataset(task, data)`), what `select_lr`
+    ranks by (section 4.6): `success`, top-1 accuracy of the trained edited tuples' new objects
+    (the forgetting sample for 'forget'; tuples already at their target say nothing and are
+    left out); `forget`, the share of them whose original object is no longer top-1;
+    `remaining`, top-1 accuracy on the dataset's unchanged tuples. No held-out tuple is read."""
+    rows = edit_dataset(task, data or EditDataConfig())
+    trained = rows.part == "edit" if task.kind != "forget" else rows.part == "forget"
+    edited = np.unique(rows.facts[trained], axis=0)
+    w = task.world
+    must = w.objects_of(edited[:, 0], edited[:, 1]) != edited[:, 2]
+    edited = edited[must] if must.any() else edited
+    kept = np.unique(rows.facts[~trained], axis=0)
+    tok = WorldTokenizer(w.config)
+    original = edited.copy()
+    original[:, 2] = w.objects_of(edited[:, 0], edited[:, 1])
+    return {
+        "success": evaluate_facts(model, w, tok, edited).accuracy,
+        "forget": 1 - evaluate_facts(model, w, tok, original).accuracy,
+        "remaining": evaluate_facts(model, w, tok, kept).accuracy if len(kept) else 1.0,
+        "n_edited": len(edited), "n_kept": len(kept),
+    }  # fmt: skip

@@ -1,0 +1,95 @@
+"""Sweep throughput and per-run cost on a shipped model.
+
+A fixed 24-run grid (single overrides by full fine-tuning: 2 learning rates x 4 block subsets x
+{MLP, attention, both}, seed 0, the grid of experiments/sweeps/figure4-single-quick.yaml) is run
+into a fresh store with 1 and with 2 Ray workers in one process, and runs/hour compared (goal:
+2 workers >= 1.8x one, on a machine with two free cores). Then the per-run cost split of the
+1-worker sweep: fine-tuning (the method's own time), evaluation (EditReport, training-time
+scores, move rank) and overhead (everything else: the task, the model copy, scheduling, the
+record), against one direct `bi.edit` call with its full evaluation, timed in the same run.
+
+    python benchmarks/sweep.py [--model DIR] [--workers 1,2] [--runs 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import behemoth_interp as bi
+from behemoth_interp.sweep import SweepResult, SweepSpec, run_sweep
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "data" / "models" / "independent"
+
+
+def grid(model: Path) -> SweepSpec:
+    return SweepSpec.from_dict({
+        "name": "benchmark", "models": [str(model)], "tasks": ["single"],
+        "methods": [{"method": "finetune", "grid": {"lr": [3e-4, 1e-3]}}],
+        "blocks": [[0], [5], [4, 5], [0, 1, 2, 3, 4, 5]], "components": ["mlp", "attn", "both"],
+        "seeds": [0],
+    })  # fmt: skip
+
+
+def direct_edit_seconds(model: Path) -> float:
+    """One full-FT single override through `bi.edit` with its full evaluation (the pre-edit
+    accuracy recomputed, as every edit outside a sweep does), one thread."""
+    hf, world, _ = bi.load_hf(model)
+    task = bi.EditTask.draw(world, "single", seed=0, correct=hf)
+    bi.edit(hf, task, lr=1e-3, blocks=[5], components="mlp", evaluate=False)  # warm up
+    start = time.perf_counter()
+    bi.edit(hf, task, lr=1e-3, blocks=[0, 1, 2, 3, 4, 5], seed=0)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--workers", default="1,2", help="worker counts to compare, e.g. '1,2'")
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    spec = grid(a.model)
+    counts = [int(w) for w in a.workers.split(",")]
+    rates, stores = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in counts:
+            out = Path(tmp) / f"store-{w}"
+            summary = run_sweep(spec, out, executor="ray", workers=w, progress=False)
+            assert summary.failed == 0, summary
+            rates[w] = summary.runs_per_hour
+            stores[w] = SweepResult.load(out).to_dataframe()
+            print(f"{w} worker(s): {summary.done} runs in {summary.wall_s:.1f} s, "
+                  f"{summary.runs_per_hour:.0f} runs/hour (including Ray start-up and model load)")  # fmt: skip
+        base = counts[0]
+        for w in counts[1:]:
+            print(f"{w} workers / {base}: {rates[w] / rates[base]:.2f}x (goal >= 1.8x for 2)")
+        df = stores[base]
+        fit = df.fit_s.median()
+        evaluation = (df.evaluate_s + df.train_eval_s + df.move_rank_s).median()
+        per_run = 3600 / rates[base] * base
+        overhead = per_run - fit - evaluation
+        print(
+            f"\nper run ({base} worker, median over {len(df)} runs; per run = wall x workers / runs):"
+        )
+        print(f"  fine-tune   {fit:6.2f} s  ({fit / per_run:.0%})")
+        print(f"  evaluation  {evaluation:6.2f} s  ({evaluation / per_run:.0%}): EditReport "
+              f"{df.evaluate_s.median():.2f}, training-time scores {df.train_eval_s.median():.2f}, "
+              f"move rank {df.move_rank_s.median():.2f}")  # fmt: skip
+        print(f"  overhead    {overhead:6.2f} s  ({overhead / per_run:.0%}; goal <= 10%), of which "
+              f"edit() around the fit {statistics.median(df.edit_s - df.fit_s):.2f} s and the "
+              f"first run's model load and baselines {df.setup_s.max():.2f} s spread over all")  # fmt: skip
+        print(f"  total       {per_run:6.2f} s")
+    reference = direct_edit_seconds(a.model)
+    print(f"\none direct bi.edit with its full evaluation (all blocks, lr 1e-3): {reference:.2f} s; "
+          f"a sweep run: {per_run:.2f} s ({reference / per_run:.2f}x faster)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
