@@ -8,7 +8,7 @@ methods have no learning rate to pick. Rows are written to --csv as they finish 
 continues with --resume), and the markdown tables are printed at the end.
 
     python experiments/edit_table.py --seeds 3 --csv edit_table.csv [--resume]
-    python experiments/edit_table.py --objectives --seeds 3 --csv objectives.csv
+    python experiments/edit_table.py --objectives --seeds 3 --csv objectives.csv [--epochs 10]
 """
 
 from __future__ import annotations
@@ -148,6 +148,12 @@ def main() -> None:
     p.add_argument("--csv", type=Path, required=True, help="rows, written as they finish")
     p.add_argument("--resume", action="store_true", help="skip the rows already in --csv")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the edit dataset for the fine-tuning methods (default: 1)",
+    )
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.csv.exists() and not a.resume:
@@ -162,6 +168,9 @@ def main() -> None:
         cells = [(kind, name, METHODS[name], "success") for kind in a.tasks.split(",")
                  for name in a.methods.split(",")]  # fmt: skip
     rows = done.to_dict("records")
+    if a.epochs is not None:
+        cells = [(k, n, kw | {"epochs": a.epochs} if kw["method"] in LRS else kw, c)
+                 for k, n, kw, c in cells]  # fmt: skip
     for kind, name, kwargs, criterion in cells:
         for seed in range(a.seeds):
             if any(r["task"] == kind and r["name"] == name and r["seed"] == seed for r in rows):

@@ -118,3 +118,13 @@ def fact_model(request, micro_model):
     if path is None:
         pytest.skip(f"{SHIPPED_MODELS / request.param} is missing or still training")
     return load_model(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: small models and small regressions gain nothing
+    from threads on the busy CI cores (use with `pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,7 @@ from behemoth_interp.cli import app
 from behemoth_interp.edit import trainable_parameters
 from behemoth_interp.model import ModelConfig, build_model, load_hf, shape_of, to_hooked
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models and small regressions gain nothing from threads on the busy CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

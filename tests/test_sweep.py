@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import behemoth_interp as bi
@@ -66,12 +65,7 @@ def compared(store: Path) -> dict[str, dict]:
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +352,20 @@ def test_reproduce_runs_every_spec_resumes_and_guards_its_directory(micro_checkp
         reproduce("gpt4", tmp_path / "x", specs=specs)
     with pytest.raises(MissingInput, match="figure4-single-paper.yaml is missing"):
         reproduce("behemoth", tmp_path / "x", scale="paper", specs=specs)
+
+
+def test_the_docs_table_script_reads_a_store(local_store):
+    """experiments/sweep_tables.py, which makes docs/experiments.md's tables, runs on a store."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "sweep_tables.py"
+    tables = runpy.run_path(str(script))
+    result = SweepResult.load(local_store)
+    blocks = tables["blocks_table"](result)
+    # a header, its rule, and a row per method (finetune, lora) and size (1 and 2 blocks)
+    assert blocks.count("\n") == 1 + 4 and blocks.count("lora") == 2
+    # two subsets per cell: too few for a correlation (it needs three)
+    assert "no correlation" in tables["correlation_table"](result)
+    ranks = tables["move_rank_tables"](result)
+    assert "full rank 64" in ranks and "W_out" in ranks
+    assert tables["dependents_table"](result).count("finetune") == 2

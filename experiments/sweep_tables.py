@@ -1,0 +1,126 @@
+"""The sweep tables of docs/experiments.md: a store's figures as markdown, read with the store's
+own selection rule (the best learning rate per cell on training-time data).
+
+- blocks (Figures 4 and 8): per component setting and number of tuned blocks, the best block
+  subset's success and remaining accuracy, and the spread over all subsets of that size;
+- correlation (Figures 5, 6 and 9): per component setting, the correlation over subsets of
+  "block b was tuned" with remaining accuracy (and success, where it varies);
+- move rank (Figure 12): every block tuned, each block's move rank per matrix; and a tuned
+  block's move rank relative to that, averaged over the subsets of each size;
+- dependents (Figures 2 and 3): each method's success, dependents followed / kept and
+  remaining accuracy, means over seeds with bootstrap intervals.
+
+    python experiments/sweep_tables.py STORE [--tables blocks,correlation,move_rank,dependents]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+
+import behemoth_interp as bi
+
+TABLES = ("blocks", "correlation", "move_rank", "dependents")
+
+
+def blocks_table(result: bi.SweepResult) -> str:
+    best = result.best()
+    rows = []
+    for (task, variant, comps, n), g in best.groupby(
+        ["task", "variant", "components", "n_blocks"], sort=True
+    ):
+        means = g.groupby("cell").agg(
+            success=("success_top1", "mean"), remaining=("remaining", "mean"),
+            blocks=("blocks", "first"),
+        )  # fmt: skip
+        top = means.sort_values(["success", "remaining"], ascending=False).iloc[0]
+        rows.append({"task": task, "method": variant, "components": comps, "blocks tuned": n,
+                     "subsets": len(means),
+                     "best subset": _blocks(top.blocks), "success": f"{top.success:.2f}",
+                     "remaining": f"{top.remaining:.4f}",
+                     "success (all subsets)": _spread(means.success, 2),
+                     "remaining (all subsets)": _spread(means.remaining, 4)})  # fmt: skip
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def correlation_table(result: bi.SweepResult) -> str:
+    table = result.correlations(["success_top1", "remaining"])
+    table = table[table.correlation.notna()]
+    if not len(table):
+        return "(no correlation: no block is tuned in some and left out of others of 3+ subsets)"
+    wide = table.pivot_table(index=["task", "metric", "components"], columns="block",
+                             values="correlation")  # fmt: skip
+    wide.columns = [f"block {b}" for b in wide.columns]
+    return wide.round(2).reset_index().to_markdown(index=False)
+
+
+def move_rank_tables(result: bi.SweepResult) -> str:
+    best = result.best()
+    ranks = result.move_ranks(best).merge(
+        best[["key", "task", "variant", "components", "blocks", "n_blocks", "n_layers", "seed"]],
+        on="key",
+    )
+    ranks = ranks[[b in blocks for b, blocks in zip(ranks.block, ranks.blocks)]]
+    full = ranks[ranks.n_blocks == ranks.n_layers]
+    top = full.pivot_table(index=["task", "variant", "components", "block"], columns="matrix",
+                           values="rank", sort=False)  # fmt: skip
+    index = ["task", "variant", "components", "seed", "block", "matrix"]
+    reference = full.set_index(index)["rank"]
+    ranks = ranks.assign(
+        all_blocks=reference.reindex(pd.MultiIndex.from_frame(ranks[index])).values
+    )
+    part = ranks[(ranks.n_blocks < ranks.n_layers) & (ranks.all_blocks > 0)]
+    part = part.assign(relative=part["rank"] / part.all_blocks)
+    bottom = part.pivot_table(index=["task", "variant", "components", "n_blocks"], columns="matrix",
+                              values="relative", sort=False)  # fmt: skip
+    full_rank = int(full.full_rank.max()) if len(full) else 0
+    return (f"Every block tuned: move rank (95% of ‖ΔW‖², full rank {full_rank})\n\n"
+            + top.round(1).reset_index().to_markdown(index=False)
+            + "\n\nFewer blocks tuned: a tuned block's move rank / its rank with every block "
+            "tuned, mean over the subsets of each size\n\n"
+            + bottom.round(2).reset_index().to_markdown(index=False))  # fmt: skip
+
+
+def dependents_table(result: bi.SweepResult) -> str:
+    metrics = ("success_top1", "dependent_followed", "dependent_kept", "remaining")
+    table = result.summary(metrics)
+    rows = []
+    for _, r in table.iterrows():
+        row = {"model": str(r.model).rsplit("/", 1)[-1], "task": r.task, "method": r.variant,
+               "blocks": _blocks(r.blocks), "components": r.components, "seeds": r.seeds}  # fmt: skip
+        for m in metrics:
+            row[m] = (
+                "–" if pd.isna(r[m]) else f"{r[m]:.3f} [{r[f'{m}_lo']:.3f}, {r[f'{m}_hi']:.3f}]"
+            )
+        rows.append(row)
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def _blocks(blocks) -> str:
+    return (
+        "default"
+        if blocks is None or (isinstance(blocks, float) and pd.isna(blocks))
+        else (",".join(str(b) for b in blocks))
+    )
+
+
+def _spread(values: pd.Series, digits: int) -> str:
+    return f"{values.min():.{digits}f}–{values.max():.{digits}f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("store")
+    p.add_argument("--tables", default=",".join(TABLES), help="of: " + ", ".join(TABLES))
+    a = p.parse_args()
+    result = bi.SweepResult.load(a.store)
+    print(f"{result!r}; selection: {result.selection.to_dict()}\n")
+    makers = {"blocks": blocks_table, "correlation": correlation_table,
+              "move_rank": move_rank_tables, "dependents": dependents_table}  # fmt: skip
+    for name in a.tables.split(","):
+        print(f"## {name}\n\n{makers[name](result)}\n")
+
+
+if __name__ == "__main__":
+    main()
