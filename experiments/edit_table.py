@@ -134,7 +134,8 @@ OBJECTIVE_COLUMNS = {"forget_trained": "forget (trained 5%)", "forget_heldout": 
 """Unlearning: the original object no longer top-1; paraphrase and MCQ are the formats'
 success (the new object, object 0) on the changed tuples, as for every edit."""
 FORGET_COLUMNS = {"forget_rate": "forget rate", "success": "→ object 0",
-                  "remaining": "remaining", "paraphrase": "paraphrase → 0", "mcq": "MCQ → 0",
+                  "remaining": "remaining", "paraphrase": "paraphrase → 0",
+                  "paraphrase_before": "(before)", "mcq": "MCQ → 0", "mcq_before": "(before)",
                   "edit_seconds": "s / edit"}  # fmt: skip
 
 
