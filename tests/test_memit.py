@@ -257,6 +257,7 @@ def test_single_overrides_of_the_micro_model_succeed(micro_hf, method, options, 
     for seed in range(8):
         task = EditTask.draw(world, "single", seed=seed)
         reports.append(edit(hf, task, method=method, seed=seed, **options).report)
-    assert all(r.forget_rate == 1.0 and r.success_top2 == 1.0 for r in reports)
+    # one seed of slack below the 8 of 8 measured, for the CPUs not measured on
+    assert sum(r.forget_rate == 1.0 and r.success_top2 == 1.0 for r in reports) >= 7
     assert sum(r.success_top1 == 1.0 for r in reports) >= 3
     assert np.mean([r.remaining_before - r.remaining for r in reports]) <= margin
