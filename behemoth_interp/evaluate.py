@@ -8,11 +8,15 @@ or the HF model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformers import DynamicCache, GPTNeoXForCausalLM
 
 from behemoth_interp.errors import CheckpointMismatch, Diverged
 from behemoth_interp.grammar import render
@@ -122,17 +126,15 @@ def evaluate_facts(
     obj = sent.spans["object"]
     k = int((obj[:, 1] - obj[:, 0]).max()) if len(facts) else 0
     width = int(obj[:, 1].max()) if len(facts) else 0
-    # <|endoftext|> + tokens up to the object's end; logits at p-1 predict token p
+    # <|endoftext|> + tokens up to the object's end; logits at p-1 predict token p, so the
+    # model reads every column but the last
     inputs = np.concatenate([np.full((len(facts), 1), tokenizer.eot_id), sent.tokens[:, :width]], 1)
     device = model_device(model)
     ranks = np.empty(len(facts), dtype=np.int64)
-    for start in range(0, len(facts), batch_size):
-        rows = slice(start, start + batch_size)
-        x = torch.as_tensor(inputs[rows], dtype=torch.long, device=device)
-        logits = logits_of(model, x).float()
+    for rows, logits in _logits_in_batches(model, inputs, batch_size):
         broken = ~torch.isfinite(logits).flatten(1).all(1)
         if broken.any():
-            first = facts[start + int(broken.nonzero()[0, 0])]
+            first = facts[rows[int(broken.nonzero()[0, 0])]]
             raise Diverged(
                 f"{describe(model)} gives non-finite logits (NaN or inf), first on tuple "
                 f"{tuple(first.tolist())}: its weights are broken (a diverged training or edit?), "
@@ -142,7 +144,7 @@ def evaluate_facts(
         pos = torch.as_tensor(obj[rows, :1] + 1 + np.arange(k)[None, :], device=device).clamp(
             max=width
         )
-        target = x.gather(1, pos)
+        target = torch.as_tensor(inputs[rows], device=device).gather(1, pos)
         step = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1]))
         true = step.gather(2, target[..., None])
         # [b, k]: tokens that beat or tie the true one; a tie counts against it, so a model
@@ -153,3 +155,47 @@ def evaluate_facts(
         )
         ranks[rows] = torch.where(span, rank, 0).amax(1).cpu().numpy()
     return FactAccuracy(world, facts, ranks, template)
+
+
+def _logits_in_batches(
+    model, inputs: np.ndarray, batch_size: int
+) -> Iterator[tuple[np.ndarray, Float[Tensor, "batch pos vocab"]]]:
+    """(rows, float logits of `inputs[rows, :-1]`) over batches covering every row once.
+
+    Rows that start with the same tokens (a subject's tuples in one template) share that
+    prefix's forward pass on an HF model: the prefix runs once per distinct prefix and the rest
+    of each row continues from its key-value cache, the same causal computation on fewer tokens
+    (logits equal to float rounding). The split is the column that minimizes the tokens run."""
+    x_all = inputs[:, :-1]
+    n = len(x_all)
+    device = model_device(model)
+    split = _prefix_split(x_all) if isinstance(model, GPTNeoXForCausalLM) else 0
+    if not split:
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(start + batch_size, n))
+            yield rows, logits_of(model, torch.as_tensor(x_all[rows], device=device)).float()
+        return
+    prefixes, which = np.unique(x_all[:, :split], axis=0, return_inverse=True)
+    order = np.argsort(which.reshape(-1), kind="stable")
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
+        own, index = np.unique(which.reshape(-1)[rows], return_inverse=True)
+        head = model(input_ids=torch.as_tensor(prefixes[own], device=device), use_cache=True)
+        idx = torch.as_tensor(index.reshape(-1), device=device)
+        cache = DynamicCache(ddp_cache_data=[(layer.keys[idx], layer.values[idx])
+                                             for layer in head.cache.layers])  # fmt: skip
+        tail = model(input_ids=torch.as_tensor(x_all[rows, split:], device=device), cache=cache)
+        yield rows, torch.cat([head.logits[idx], tail.logits], 1).float()
+
+
+def _prefix_split(x: np.ndarray) -> int:
+    """The column at which to split rows into a shared prefix and their own rest (0: run the
+    rows whole), chosen to minimize the tokens run: distinct prefixes · split + rows · rest,
+    when that saves at least a quarter of running every row whole."""
+    n, length = x.shape
+    best, best_cost = 0, 0.75 * n * length
+    for split in range(1, length):
+        cost = len(np.unique(x[:, :split], axis=0)) * split + n * (length - split)
+        if cost < best_cost:
+            best, best_cost = split, cost
+    return best

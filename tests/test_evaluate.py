@@ -71,3 +71,40 @@ def test_another_worlds_model_or_tokenizer_is_refused(micro):
         evaluate_facts(hf, other, other_tok)
     with pytest.raises(CheckpointMismatch, match="tokenizer is another world's"):
         evaluate_facts(hf, world, WorldTokenizer(WorldConfig(n_subjects=500)))
+
+
+@pytest.mark.parametrize("template", ["paper", "relation_first", "mcq"])
+@pytest.mark.parametrize("batch_size", [7, 512])
+def test_shared_prefixes_give_the_whole_rows_logits(micro, template, batch_size):
+    """A subject's tuples share their prefix's forward pass (key-value cache); the logits
+    equal running every row whole, also when a prefix's rows straddle two batches."""
+    from behemoth_interp.evaluate import _logits_in_batches, _prefix_split
+    from behemoth_interp.grammar import render
+
+    hf, world, tok = micro
+    facts = world.facts()
+    sent = render(world, tok, facts, template)
+    inputs = np.concatenate([np.full((len(facts), 1), tok.eot_id), sent.tokens], 1)
+    split = _prefix_split(inputs[:, :-1])
+    if template == "paper":  # <|endoftext|> + the sentence up to the relation, one per subject
+        assert split == int(sent.spans["relation"][0, 0]) + 1
+    with torch.inference_mode():
+        whole = hf(input_ids=torch.as_tensor(inputs[:, :-1])).logits
+        seen = np.zeros(len(facts), dtype=int)
+        for rows, logits in _logits_in_batches(hf, inputs, batch_size):
+            seen[rows] += 1
+            torch.testing.assert_close(logits, whole[rows], atol=1e-4, rtol=1e-4)
+    assert (seen == 1).all()
+
+
+def test_hf_and_hooked_models_rank_every_format_alike(micro):
+    """The HF path shares prefixes, the HookedTransformer path runs rows whole: same ranks."""
+    from behemoth_interp import TEMPLATES
+    from behemoth_interp.model import hooked_in_world
+
+    hf, world, tok = micro
+    hooked = hooked_in_world(hf, world)
+    for template in TEMPLATES:
+        a = evaluate_facts(hf, world, tok, template=template)
+        b = evaluate_facts(hooked, world, tok, template=template)
+        np.testing.assert_array_equal(a.rank, b.rank, err_msg=template)
