@@ -38,7 +38,7 @@ from behemoth_interp.edit import (
     select_lr,
     training_scores,
 )
-from behemoth_interp.evaluate import FactAccuracy, evaluate_facts
+from behemoth_interp.evaluate import FactAccuracy, FactScores, evaluate_facts
 from behemoth_interp.grammar import PARAPHRASES, ROLES, TEMPLATES, Sentences, Template, render
 from behemoth_interp.hooks import (
     SITE_KINDS,
@@ -131,6 +131,7 @@ __all__ = [
     "training_scores",
     "PRESETS",
     "FactAccuracy",
+    "FactScores",
     "ModelConfig",
     "TrainConfig",
     "capacity_search",

@@ -70,9 +70,14 @@ def check_range(
         raise InvalidArgument(f"{name} ({option}) must be {allowed}, got {value!r}")
 
 
+def is_int(value) -> bool:
+    """An integer (Python or numpy), not a boolean."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_int(name: str, value, low=None, high=None, *, option: str | None = None) -> None:
     """`check_range` for counts: `value` must also be an integer (1.5 blocks is no block)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         where = option or "--" + name.replace("_", "-")
         raise InvalidArgument(f"{name} ({where}) must be an integer, got {value!r}")
     check_range(name, int(value), low, high, option=option)

@@ -95,6 +95,33 @@ class FactAccuracy:
                       range_y=[0, 1], title=f"Fact accuracy ({self.template} template)")  # fmt: skip
 
 
+class FactScores:
+    """One fixed model's per-tuple ranks in the paper template, each tuple scored once however
+    many callers ask: `scores(facts)` is `evaluate_facts(model, world, tokenizer, facts)`,
+    running only the tuples not asked before. An edit's report and the scores on its training
+    data share one (`evaluate_edit(scores=)`, `training_scores(scores=)`); the model must not
+    change while it is in use."""
+
+    def __init__(self, model, world: World, tokenizer: WorldTokenizer | None = None, *,
+                 world_check: bool = True) -> None:  # fmt: skip
+        self.model, self.world = model, world
+        self.tokenizer = tokenizer or WorldTokenizer(world.config)
+        if world_check:
+            check_world(model, world)
+        self._rank: dict[tuple[int, int, int], int] = {}
+
+    def __call__(self, facts: np.ndarray | None = None) -> FactAccuracy:
+        facts = self.world.facts() if facts is None else np.asarray(facts).reshape(-1, 3)
+        keys = list(map(tuple, facts.tolist()))
+        new = list(dict.fromkeys(k for k in keys if k not in self._rank))
+        if new:
+            got = evaluate_facts(self.model, self.world, self.tokenizer, np.array(new),
+                                 world_check=False)  # fmt: skip
+            self._rank.update(zip(new, got.rank.tolist()))
+        rank = np.array([self._rank[k] for k in keys], dtype=np.int64)
+        return FactAccuracy(self.world, facts, rank, "paper")
+
+
 @torch.inference_mode()
 def evaluate_facts(
     model,

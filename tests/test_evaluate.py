@@ -108,3 +108,27 @@ def test_hf_and_hooked_models_rank_every_format_alike(micro):
         a = evaluate_facts(hf, world, tok, template=template)
         b = evaluate_facts(hooked, world, tok, template=template)
         np.testing.assert_array_equal(a.rank, b.rank, err_msg=template)
+
+
+def test_fact_scores_run_each_tuple_once_and_equal_evaluate_facts(micro):
+    from behemoth_interp import FactScores
+
+    hf, world, tok = micro
+    facts = world.facts()
+    calls = []
+    handle = hf.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        scores = FactScores(hf, world)
+        some = facts[::3]
+        np.testing.assert_array_equal(scores(some).rank, evaluate_facts(hf, world, tok, some).rank)
+        calls.clear()
+        again = scores(np.concatenate([some[::-1], some[:5]]))  # asked before: nothing runs
+        assert not calls and len(again.rank) == len(some) + 5
+        wrong = facts[:4].copy()
+        wrong[:, 2] = (wrong[:, 2] + 1) % world.config.n_objects
+        np.testing.assert_array_equal(
+            scores(wrong).rank, evaluate_facts(hf, world, tok, wrong).rank
+        )
+        assert calls and (scores(wrong).rank > 0).all()
+    finally:
+        handle.remove()

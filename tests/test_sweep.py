@@ -191,7 +191,8 @@ def test_the_ray_executor_gives_the_same_store(micro_checkpoint, local_store, tm
                             executor="ray", workers=2, progress=False)  # fmt: skip
     finally:
         ray.shutdown()
-    assert (summary.done, summary.failed, summary.workers) == (6, 0, 2)
+    errors = [r["error"] for r in compared(tmp_path / "ray").values() if r["status"] != "ok"]
+    assert (summary.done, summary.failed, summary.workers) == (6, 0, 2), errors
     assert compared(tmp_path / "ray") == compared(local_store)
 
 
@@ -303,6 +304,21 @@ def test_a_shared_baseline_gives_the_same_report(micro_checkpoint):
     assert shared == fresh
     with pytest.raises(InvalidArgument, match="another task"):
         evaluate_edit(edited, task, before=hf, seed=2, baseline=edit_baseline(hf, task, seed=1))
+
+
+@pytest.mark.parametrize("kind", ["single", "forget"])
+def test_training_scores_read_from_the_reports_pass_are_the_same(micro_checkpoint, kind):
+    """The worker scores a run's training data from the ranks its report computed: the same
+    numbers as scoring afresh, and the report the same as without shared scores."""
+    hf, world, _ = bi.load_hf(micro_checkpoint)
+    task = bi.EditTask.draw(world, kind, seed=1, correct=hf)
+    edited = bi.edit(hf, task, lr=3e-3, blocks=[1], evaluate=False).model
+    scores = bi.FactScores(edited, world)
+    report = evaluate_edit(edited, task, before=hf, scores=scores)
+    assert report == evaluate_edit(edited, task, before=hf)
+    assert bi.training_scores(edited, task, scores=scores) == bi.training_scores(edited, task)
+    with pytest.raises(InvalidArgument, match="FactScores of the model"):
+        evaluate_edit(hf, task, scores=scores)
 
 
 # ------------------------------------------------------------------ reproduce

@@ -13,7 +13,7 @@ from transformers import GPTNeoXForCausalLM
 from behemoth_interp.edit.report import EditReport
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import CheckpointMismatch, InvalidArgument
-from behemoth_interp.evaluate import evaluate_facts
+from behemoth_interp.evaluate import FactScores, evaluate_facts
 from behemoth_interp.grammar import PARAPHRASES, edit_choices, get_template, render
 from behemoth_interp.model import describe, logits_of, model_device, model_world
 from behemoth_interp.tokenizer import WorldTokenizer
@@ -47,6 +47,7 @@ def evaluate_edit(
     templates: tuple[str, ...] = (*PARAPHRASES, "mcq"),
     oracle: GPTNeoXForCausalLM | None = None,
     baseline: EditBaseline | None = None,
+    scores: FactScores | None = None,
 ) -> EditReport:
     """Score an edited model on `task` (a model of the task's world, HF or HookedTransformer).
 
@@ -56,20 +57,32 @@ def evaluate_edit(
     `max_remaining` evaluates a seeded sample of the unchanged tuples instead of all of them.
     `baseline` is `edit_baseline(before, task, ...)` computed once for many edits of one task
     (a sweep): the same numbers, not recomputed; it must match the task and settings.
+    `scores` (a `FactScores` of `model`) keeps the per-tuple ranks for the caller, who may
+    read other tuples from it without running them twice (`training_scores(scores=)`).
     """
     w = task.world
     tok = WorldTokenizer(w.config)
     settings = dict(settings or {})
     changed = task.changed
     _check_edited_world(model, task)
-    score = partial(evaluate_facts, model, w, tok, world_check=False)
+    if scores is None:
+        scores = FactScores(model, w, tok, world_check=False)
+    elif scores.model is not model or scores.world != w:
+        raise InvalidArgument("scores= must be a FactScores of the model being scored and its "
+                              "task's world: pass FactScores(model, task.world)")  # fmt: skip
     if not changed.any():
         raise InvalidArgument(
             f"{task!r} changes no tuple (every target is already its object): nothing to score"
         )
-    edited = score(task.edited)
-    old = score(task.facts)
     unchanged = _unchanged_sample(task, max_remaining, seed)
+    deps, followed = task.dependents()
+    moved = deps.copy()
+    moved[:, 2] = followed
+    # every paper-template tuple in one pass, so tuples of a subject share their prefix
+    scores(np.concatenate([task.edited, task.facts, unchanged, deps, moved]))
+    score = partial(evaluate_facts, model, w, tok, world_check=False)
+    edited = scores(task.edited)
+    old = scores(task.facts)
     if baseline is not None and before is None:
         raise InvalidArgument("baseline= is the unedited model's side: pass before= with it")
     if before is not None:
@@ -84,7 +97,7 @@ def evaluate_edit(
         success_top2=float(edited.top(2)[changed].mean()),
         success_top1_all=float(edited.top(1).mean()),
         forget_rate=float((~old.top(1))[changed].mean()),
-        remaining=score(unchanged).accuracy,
+        remaining=scores(unchanged).accuracy,
         settings=settings,
     )
     # the formats ask the changed tuples only; MCQ lists the original and the new object
@@ -93,15 +106,12 @@ def evaluate_edit(
         report.template_success[t] = score(new_facts, **ask).accuracy
         if baseline is not None:
             report.template_before[t] = baseline.template_before[t]
-    deps, followed = task.dependents()
     if len(deps):
-        moved = deps.copy()
-        moved[:, 2] = followed
-        follows = score(moved).top(1)
+        follows = scores(moved).top(1)
         must = followed != deps[:, 2]
         report.dependent_followed_all = float(follows.mean())
         if must.any():
-            report.dependent_kept = score(deps[must]).accuracy
+            report.dependent_kept = scores(deps[must]).accuracy
             report.dependent_followed = float(follows[must].mean())
     if before is not None:
         report.remaining_before = baseline.remaining_before

@@ -94,8 +94,12 @@ def _general_batch(inputs, step: int, batch_size: int):
 
 def object_inputs(world, tok, facts, template, seed, device):
     """`<|endoftext|>` + rendered sentences [n, 1 + pos], and the object-token mask aligned with
-    the next-token targets x[:, 1:]."""
+    the next-token targets x[:, 1:]. The columns after the last object token are cut: every
+    objective reads the objects and the prompt before them, which a causal model computes
+    without the tokens that follow."""
     sent = render(world, tok, facts, template, seed=seed)
+    is_object = sent.roles == OBJECT
+    width = int(np.flatnonzero(is_object.any(0)).max()) + 1
     eot = np.full((len(sent), 1), tok.eot_id)
-    x = torch.as_tensor(np.concatenate([eot, sent.tokens], 1).astype(np.int64), device=device)
-    return x, torch.as_tensor(sent.roles == OBJECT, device=device)
+    x = np.concatenate([eot, sent.tokens[:, :width]], 1).astype(np.int64)
+    return torch.as_tensor(x, device=device), torch.as_tensor(is_object[:, :width], device=device)

@@ -15,6 +15,7 @@ from transformers import GPTNeoXForCausalLM
 from behemoth_interp._io import read_json, write_dir, write_json
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import InvalidArgument
+from behemoth_interp.evaluate import FactScores
 from behemoth_interp.model import write_checkpoint
 
 EDIT_REPORT = "edit_report.json"
@@ -24,12 +25,14 @@ EDIT_TASK = "edit_task.json"
 @dataclass
 class EditResult:
     """An applied edit: the edited HF `model`, its HookedTransformer twin (when asked), the
-    `report` and the `task`."""
+    `report`, the `task`, and `scores`, the model's per-tuple ranks the report was computed
+    from (a `FactScores`: read more tuples from it, each run once)."""
 
     model: GPTNeoXForCausalLM
     report: EditReport
     hooked: Any = None
     task: EditTask | None = None
+    scores: FactScores | None = None
 
     def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
         """Write the edited model as a checkpoint directory (`load_model` and `load_hf` read it,

@@ -17,7 +17,7 @@ from behemoth_interp.edit.registry import MODES, Method, get_method
 from behemoth_interp.edit.report import EditReport, EditResult
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import CheckpointMismatch, InvalidArgument, WrongType, check_int
-from behemoth_interp.evaluate import evaluate_facts
+from behemoth_interp.evaluate import FactScores, evaluate_facts
 from behemoth_interp.model import check_world, hooked_in_world, load_hf
 from behemoth_interp.tokenizer import WorldTokenizer
 
@@ -81,13 +81,16 @@ def edit(
         after, info = _sequential(m, after, task, where, config, seed, max_remaining)
     settings = {"method": method, "mode": mode, **where.to_dict(), "config": config.to_dict(),
                 "seed": seed, **info, "seconds": time.perf_counter() - started}  # fmt: skip
+    scores = None
     if evaluate:
+        scores = FactScores(after, task.world, world_check=False)
         report = evaluate_edit(after, task, before=before, settings=settings,
-                               max_remaining=max_remaining, seed=seed)  # fmt: skip
+                               max_remaining=max_remaining, seed=seed, scores=scores)  # fmt: skip
     else:
         report = EditReport(task.kind, method, settings=settings,
                             changed=changed_parameters(before, after))  # fmt: skip
-    return EditResult(after, report, hooked_in_world(after, task.world) if hooked else None, task)
+    twin = hooked_in_world(after, task.world) if hooked else None
+    return EditResult(after, report, twin, task, scores)
 
 
 def _mode(m: Method, mode: str | None, task: EditTask) -> str:

@@ -15,9 +15,8 @@ from behemoth_interp.edit.report import EditResult
 from behemoth_interp.edit.run import edit, resolve_model
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import Diverged, InvalidArgument
-from behemoth_interp.evaluate import evaluate_facts
+from behemoth_interp.evaluate import FactScores
 from behemoth_interp.model import hooked_in_world
-from behemoth_interp.tokenizer import WorldTokenizer
 
 
 @dataclass
@@ -77,7 +76,8 @@ def select_lr(
     for lr in lrs:
         try:
             result = edit(before, task, lr=lr, evaluate=False, **edit_kwargs)
-            scores = training_scores(result.model, task, data)
+            result.scores = FactScores(result.model, task.world)
+            scores = training_scores(result.model, task, data, scores=result.scores)
             success.append(scores[criterion])
             remaining.append(scores["remaining"])
         except Diverged:  # recorded as NaN, never selected
@@ -91,19 +91,23 @@ def select_lr(
     best = max(ok, key=lambda i: (success[i], remaining[i], -i))
     chosen = results[best]
     chosen.report = evaluate_edit(chosen.model, task, before=before, settings=chosen.report.settings,
-                                  max_remaining=max_remaining, seed=edit_kwargs.get("seed", 0))  # fmt: skip
+                                  max_remaining=max_remaining, seed=edit_kwargs.get("seed", 0),
+                                  scores=chosen.scores)  # fmt: skip
     if hooked:
         chosen.hooked = hooked_in_world(chosen.model, task.world)
     return LrSearch(lrs, success, remaining, lrs[best], chosen)
 
 
 @torch.inference_mode()
-def training_scores(model, task: EditTask, data: EditDataConfig | None = None) -> dict[str, Any]:
+def training_scores(model, task: EditTask, data: EditDataConfig | None = None, *,
+                    scores: FactScores | None = None) -> dict[str, Any]:  # fmt: skip
     """Scores on the edit's own training data (`edit_dataset(task, data)`), what `select_lr`
     ranks by (section 4.6): `success`, top-1 accuracy of the trained edited tuples' new objects
     (the forgetting sample for 'forget'; tuples already at their target say nothing and are
     left out); `forget`, the share of them whose original object is no longer top-1;
-    `remaining`, top-1 accuracy on the dataset's unchanged tuples. No held-out tuple is read."""
+    `remaining`, top-1 accuracy on the dataset's unchanged tuples. No held-out tuple is read.
+    `scores` (a `FactScores` of `model`, e.g. the one its `evaluate_edit` filled) gives the
+    tuples already scored without running them again."""
     rows = edit_dataset(task, data or EditDataConfig())
     trained = rows.part == "edit" if task.kind != "forget" else rows.part == "forget"
     edited = np.unique(rows.facts[trained], axis=0)
@@ -111,12 +115,16 @@ def training_scores(model, task: EditTask, data: EditDataConfig | None = None) -
     must = w.objects_of(edited[:, 0], edited[:, 1]) != edited[:, 2]
     edited = edited[must] if must.any() else edited
     kept = np.unique(rows.facts[~trained], axis=0)
-    tok = WorldTokenizer(w.config)
     original = edited.copy()
     original[:, 2] = w.objects_of(edited[:, 0], edited[:, 1])
+    if scores is None:
+        scores = FactScores(model, w)
+    elif scores.model is not model:
+        raise InvalidArgument("scores= must be a FactScores of the model being scored")
+    scores(np.concatenate([edited, original, kept]))  # one pass: shared subject prefixes
     return {
-        "success": evaluate_facts(model, w, tok, edited).accuracy,
-        "forget": 1 - evaluate_facts(model, w, tok, original).accuracy,
-        "remaining": evaluate_facts(model, w, tok, kept).accuracy if len(kept) else 1.0,
+        "success": scores(edited).accuracy,
+        "forget": 1 - scores(original).accuracy,
+        "remaining": scores(kept).accuracy if len(kept) else 1.0,
         "n_edited": len(edited), "n_kept": len(kept),
     }  # fmt: skip

@@ -37,7 +37,14 @@ from behemoth_interp.edit.objectives import get_objective
 from behemoth_interp.edit.registry import METHODS, MODES, get_method
 from behemoth_interp.edit.search import CRITERIA
 from behemoth_interp.edit.tasks import TASKS
-from behemoth_interp.errors import BehemothError, CorruptFile, InvalidArgument, MissingInput
+from behemoth_interp.errors import (
+    BehemothError,
+    CorruptFile,
+    InvalidArgument,
+    MissingInput,
+    check_int,
+    is_int,
+)
 
 SPEC_FORMAT = "behemoth-sweep/1"
 BLOCK_KEYWORDS = ("all", "singletons", "prefixes", "default")
@@ -331,7 +338,7 @@ def _block_items(blocks: Any) -> list[Any]:
     if isinstance(blocks, (str, Mapping)):
         return [blocks]
     items = list(blocks)
-    if items and all(_is_int(b) for b in items):
+    if items and all(is_int(b) for b in items):
         return [tuple(items)]  # one explicit subset, e.g. [0, 5]
     return [b if isinstance(b, str | Mapping) else tuple(b) for b in items]
 
@@ -357,7 +364,7 @@ def _check_blocks(blocks: Any, where: str) -> None:
             _check_count(f"{where}.sample", item["sample"], 1)
             _check_count(f"{where}.seed", item.get("seed", 0), 0)
         else:
-            if not item or not all(_is_int(b) for b in item):
+            if not item or not all(is_int(b) for b in item):
                 raise spec_error(
                     where, f"a subset is a non-empty list of block indices, got {list(item)}"
                 )
@@ -382,13 +389,8 @@ def _blocks_from_json(blocks: Any) -> Any:
 
 
 # ------------------------------------------------------------------ field parsing and checks
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
-
-
 def _check_count(where: str, value: Any, low: int) -> None:
-    if not _is_int(value) or value < low:
-        raise spec_error(where, f"must be an integer >= {low}, got {value!r}")
+    check_int(where, value, low, option="sweep spec")
 
 
 def _check_list(items: Any, where: str, what: str) -> None:

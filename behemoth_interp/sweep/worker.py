@@ -21,6 +21,7 @@ from behemoth_interp.edit.registry import get_method
 from behemoth_interp.edit.run import edit
 from behemoth_interp.edit.search import training_scores
 from behemoth_interp.edit.tasks import EditTask
+from behemoth_interp.evaluate import FactScores
 from behemoth_interp.model import load_hf
 from behemoth_interp.rank import move_rank
 from behemoth_interp.sweep.runs import Run, check_weights, task_of
@@ -68,11 +69,13 @@ class Worker:
         settings = dict(result.report.settings)
         timings["fit_s"] = settings.pop("seconds")
         clock = time.perf_counter()
+        scores = FactScores(result.model, task.world)
         report = evaluate_edit(result.model, task, before=hf, settings=settings,
-                               max_remaining=run.max_remaining, seed=run.seed, baseline=baseline)  # fmt: skip
+                               max_remaining=run.max_remaining, seed=run.seed, baseline=baseline,
+                               scores=scores)  # fmt: skip
         timings["evaluate_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        train = training_scores(result.model, task, getattr(config, "data", None))
+        train = training_scores(result.model, task, getattr(config, "data", None), scores=scores)
         timings["train_eval_s"] = time.perf_counter() - clock
         ranks = None
         if run.move_rank is not None:
