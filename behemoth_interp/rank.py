@@ -164,7 +164,8 @@ def move_rank(before, after, threshold: float = 0.95, *, keep_spectra: bool = Fa
         wa, wb = block_matrices(a, layer), block_matrices(b, layer)
         for j, name in enumerate(COMPONENTS):
             delta = wb[name].double().cpu() - wa[name].double().cpu()
-            s = torch.linalg.svdvals(delta).numpy()
+            # an untouched matrix (most of them, when an edit tunes a few blocks): no SVD
+            s = torch.linalg.svdvals(delta).numpy() if delta.any() else np.zeros(min(delta.shape))
             rank[layer, j] = energy_rank(s, threshold)
             full[layer, j] = min(delta.shape)
             norm[layer, j] = float(np.sqrt((s**2).sum()))

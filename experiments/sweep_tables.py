@@ -20,6 +20,7 @@ import argparse
 import pandas as pd
 
 import behemoth_interp as bi
+from behemoth_interp.rank import COMPONENTS
 
 TABLES = ("blocks", "correlation", "move_rank", "dependents")
 
@@ -64,7 +65,7 @@ def move_rank_tables(result: bi.SweepResult) -> str:
     ranks = ranks[[b in blocks for b, blocks in zip(ranks.block, ranks.blocks)]]
     full = ranks[ranks.n_blocks == ranks.n_layers]
     top = full.pivot_table(index=["task", "variant", "components", "block"], columns="matrix",
-                           values="rank", sort=False)  # fmt: skip
+                           values="rank").reindex(columns=list(COMPONENTS))  # fmt: skip
     index = ["task", "variant", "components", "seed", "block", "matrix"]
     reference = full.set_index(index)["rank"]
     ranks = ranks.assign(
@@ -73,7 +74,7 @@ def move_rank_tables(result: bi.SweepResult) -> str:
     part = ranks[(ranks.n_blocks < ranks.n_layers) & (ranks.all_blocks > 0)]
     part = part.assign(relative=part["rank"] / part.all_blocks)
     bottom = part.pivot_table(index=["task", "variant", "components", "n_blocks"], columns="matrix",
-                              values="relative", sort=False)  # fmt: skip
+                              values="relative").reindex(columns=list(COMPONENTS))  # fmt: skip
     full_rank = int(full.full_rank.max()) if len(full) else 0
     return (f"Every block tuned: move rank (95% of ‖ΔW‖², full rank {full_rank})\n\n"
             + top.round(1).reset_index().to_markdown(index=False)
