@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -70,21 +69,23 @@ def main() -> None:
         base = counts[0]
         for w in counts[1:]:
             print(f"{w} workers / {base}: {rates[w] / rates[base]:.2f}x (goal >= 1.8x for 2)")
+        # means, not medians: they add up to the wall time (per run = wall x workers / runs)
         df = stores[base]
-        fit = df.fit_s.median()
-        evaluation = (df.evaluate_s + df.train_eval_s + df.move_rank_s).median()
+        fit = df.fit_s.mean()
+        evaluation = (df.evaluate_s + df.train_eval_s + df.move_rank_s).mean()
         per_run = 3600 / rates[base] * base
         overhead = per_run - fit - evaluation
         print(
-            f"\nper run ({base} worker, median over {len(df)} runs; per run = wall x workers / runs):"
+            f"\nper run ({base} worker, mean over {len(df)} runs; per run = wall x workers / runs):"
         )
         print(f"  fine-tune   {fit:6.2f} s  ({fit / per_run:.0%})")
         print(f"  evaluation  {evaluation:6.2f} s  ({evaluation / per_run:.0%}): EditReport "
-              f"{df.evaluate_s.median():.2f}, training-time scores {df.train_eval_s.median():.2f}, "
-              f"move rank {df.move_rank_s.median():.2f}")  # fmt: skip
+              f"{df.evaluate_s.mean():.2f}, training-time scores {df.train_eval_s.mean():.2f}, "
+              f"move rank {df.move_rank_s.mean():.2f}")  # fmt: skip
         print(f"  overhead    {overhead:6.2f} s  ({overhead / per_run:.0%}; goal <= 10%), of which "
-              f"edit() around the fit {statistics.median(df.edit_s - df.fit_s):.2f} s and the "
-              f"first run's model load and baselines {df.setup_s.max():.2f} s spread over all")  # fmt: skip
+              f"edit() around the fit {(df.edit_s - df.fit_s).mean():.2f} s, the first run's "
+              f"model load and baselines {df.setup_s.sum() / len(df):.2f} s (spread over all) "
+              f"and the rest Ray's start-up, scheduling and the records")  # fmt: skip
         print(f"  total       {per_run:6.2f} s")
     reference = direct_edit_seconds(a.model)
     print(f"\none direct bi.edit with its full evaluation (all blocks, lr 1e-3): {reference:.2f} s; "

@@ -333,7 +333,7 @@ def test_the_committed_specs_are_valid_and_count_as_documented():
     counts = {s.name: dry_run(s, calibrate=False).planned for s in paper_specs("behemoth", "quick")}
     assert counts == {"figure4-single-quick": 24, "figure4-forget-quick": 24,
                       "figure7-lora-quick": 18, "figure8-correlated-quick": 24,
-                      "dependents-quick": 6}  # fmt: skip
+                      "dependents-quick": 18}  # fmt: skip
 
 
 def test_reproduce_runs_every_spec_resumes_and_guards_its_directory(micro_checkpoint, tmp_path):
