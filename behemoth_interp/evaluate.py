@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import DynamicCache, GPTNeoXForCausalLM
 
-from behemoth_interp.errors import CheckpointMismatch, Diverged
+from behemoth_interp.errors import CheckpointMismatch, Diverged, InvalidArgument
 from behemoth_interp.grammar import render
 from behemoth_interp.model import check_world, describe, logits_of, model_device
 from behemoth_interp.tokenizer import WorldTokenizer
@@ -109,6 +109,17 @@ class FactScores:
         if world_check:
             check_world(model, world)
         self._rank: dict[tuple[int, int, int], int] = {}
+
+    @classmethod
+    def of(cls, model, world: World, scores: FactScores | None = None, *,
+           world_check: bool = True) -> FactScores:  # fmt: skip
+        """`scores` checked to be `model`'s in `world`, or a new memo when it is None."""
+        if scores is None:
+            return cls(model, world, world_check=world_check)
+        if scores.model is not model or scores.world != world:
+            raise InvalidArgument("scores= must be a FactScores of the model being scored and "
+                                  "its task's world: pass FactScores(model, task.world)")  # fmt: skip
+        return scores
 
     def __call__(self, facts: np.ndarray | None = None) -> FactAccuracy:
         facts = self.world.facts() if facts is None else np.asarray(facts).reshape(-1, 3)
@@ -203,10 +214,11 @@ def _logits_in_batches(
             yield rows, logits_of(model, torch.as_tensor(x_all[rows], device=device)).float()
         return
     prefixes, which = np.unique(x_all[:, :split], axis=0, return_inverse=True)
-    order = np.argsort(which.reshape(-1), kind="stable")
+    which = which.reshape(-1)  # numpy 2 keeps the inverse's axis
+    order = np.argsort(which, kind="stable")
     for start in range(0, n, batch_size):
         rows = order[start : start + batch_size]
-        own, index = np.unique(which.reshape(-1)[rows], return_inverse=True)
+        own, index = np.unique(which[rows], return_inverse=True)
         head = model(input_ids=torch.as_tensor(prefixes[own], device=device), use_cache=True)
         idx = torch.as_tensor(index.reshape(-1), device=device)
         cache = DynamicCache(ddp_cache_data=[(layer.keys[idx], layer.values[idx])

@@ -65,11 +65,7 @@ def evaluate_edit(
     settings = dict(settings or {})
     changed = task.changed
     _check_edited_world(model, task)
-    if scores is None:
-        scores = FactScores(model, w, tok, world_check=False)
-    elif scores.model is not model or scores.world != w:
-        raise InvalidArgument("scores= must be a FactScores of the model being scored and its "
-                              "task's world: pass FactScores(model, task.world)")  # fmt: skip
+    scores = FactScores.of(model, w, scores, world_check=False)
     if not changed.any():
         raise InvalidArgument(
             f"{task!r} changes no tuple (every target is already its object): nothing to score"

@@ -117,10 +117,7 @@ def training_scores(model, task: EditTask, data: EditDataConfig | None = None, *
     kept = np.unique(rows.facts[~trained], axis=0)
     original = edited.copy()
     original[:, 2] = w.objects_of(edited[:, 0], edited[:, 1])
-    if scores is None:
-        scores = FactScores(model, w)
-    elif scores.model is not model:
-        raise InvalidArgument("scores= must be a FactScores of the model being scored")
+    scores = FactScores.of(model, w, scores)
     scores(np.concatenate([edited, original, kept]))  # one pass: shared subject prefixes
     return {
         "success": scores(edited).accuracy,
