@@ -196,6 +196,25 @@ def test_the_ray_executor_gives_the_same_store(micro_checkpoint, local_store, tm
     assert compared(tmp_path / "ray") == compared(local_store)
 
 
+def test_an_embedded_clusters_workers_are_offline(monkeypatch):
+    """Without a runtime environment, the embedded cluster's workers inherit the offline
+    settings from the driver (nothing is ever downloaded in a run)."""
+    ray = pytest.importorskip("ray")
+    from behemoth_interp.sweep.ray_executor import OFFLINE, RayExecutor
+
+    def environment(names: list[str]) -> dict[str, str | None]:  # pickled by value
+        return {name: os.environ.get(name) for name in names}
+
+    for name in OFFLINE:
+        monkeypatch.delenv(name, raising=False)
+    with RayExecutor(1, init_options={"object_store_memory": 80 * 1024**2}) as executor:
+        executor.ready()
+        seen = ray.get(ray.remote(num_cpus=0)(environment).remote(list(OFFLINE)))
+    assert seen == OFFLINE
+    assert not ray.is_initialized()
+    assert not any(name in os.environ for name in OFFLINE)  # the driver's own are untouched
+
+
 # ------------------------------------------------------------------ resuming and failures
 def test_a_killed_sweep_resumes_to_the_same_store(micro_checkpoint, local_store, tmp_path):
     spec = SweepSpec.from_dict(tiny_spec(micro_checkpoint)).save(tmp_path / "spec.yaml")

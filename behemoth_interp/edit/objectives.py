@@ -68,7 +68,8 @@ class Batch:
         return ~self.injected
 
     def logits(self, x: Tensor, model: torch.nn.Module | None = None) -> Tensor:
-        return (model or self.model)(input_ids=x[:, :-1]).logits.float()
+        # no key-value cache: a training forward has no next step to read it
+        return (model or self.model)(input_ids=x[:, :-1], use_cache=False).logits.float()
 
     @cached_property
     def _logits_new(self) -> Tensor:
@@ -371,7 +372,8 @@ class RMU(Objective):
 
 def _stream(model, x: Tensor, layer: int) -> Tensor:
     """The residual stream leaving block `layer` [b, pos, d_model] (HF hidden states)."""
-    return model(input_ids=x, output_hidden_states=True).hidden_states[layer + 1].float()
+    out = model(input_ids=x, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[layer + 1].float()
 
 
 def _masked_mean(values: Tensor, where: Tensor) -> Tensor:
