@@ -41,7 +41,14 @@ from behemoth_interp.errors import (
 )
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import OBJECT, PAD_ROLE
-from behemoth_interp.model import build_model, get_preset, is_checkpoint, load_hf, write_checkpoint
+from behemoth_interp.model import (
+    build_model,
+    get_preset,
+    is_checkpoint,
+    load_hf,
+    shape_of,
+    write_checkpoint,
+)
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
 
@@ -58,6 +65,16 @@ class TrainConfig(JsonConfig):
     loss_on: 'all' trains on every non-pad token (the paper); 'object' only on object tokens,
     which spends the whole gradient on the facts (subject tokens are unpredictable by design).
     schedule: 'constant' (the paper) or 'cosine' decay to `min_lr_ratio * lr` after warmup.
+
+    Continued training (the downstream fine-tuning of the retention paper, Wen & Zhang):
+    init_from: a checkpoint whose weights the run starts from instead of a fresh initialization
+    (its shape, not `preset`, is the model's; its vocabulary must be the world's).
+    freeze_blocks / freeze_embeddings / freeze_unembedding: parameters that never change
+    (whole blocks with their layer norms; the token embedding; the final layer norm and the
+    unembedding), left out of the optimizer. stop_loss / stop_accuracy: end the run at the
+    first evaluation (every `eval_every` steps) whose loss on `validation` sentences sampled
+    from the corpus is at most `stop_loss`, or whose fact accuracy is at least
+    `stop_accuracy` (the paper's stopping rules, section A).
     """
 
     preset: str = "pythia-31m"
@@ -79,9 +96,28 @@ class TrainConfig(JsonConfig):
     warm_steps: int = 0
     warm_fraction: float = 0.1
     fresh_choices: bool = False
+    init_from: str | None = None
+    freeze_blocks: tuple[int, ...] = ()
+    freeze_embeddings: bool = False
+    freeze_unembedding: bool = False
+    stop_loss: float | None = None
+    stop_accuracy: float | None = None
+    validation: int = 1000
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
+        object.__setattr__(
+            self, "freeze_blocks", tuple(sorted({int(b) for b in self.freeze_blocks}))
+        )
+        if any(b < 0 for b in self.freeze_blocks):
+            raise InvalidArgument(f"freeze_blocks are block indices >= 0, got {self.freeze_blocks}")
+        if self.init_from is not None:
+            object.__setattr__(self, "init_from", str(self.init_from))
+        if self.stop_loss is not None:
+            check_range("stop_loss", self.stop_loss, 0, low_open=True)
+        if self.stop_accuracy is not None:
+            check_range("stop_accuracy", self.stop_accuracy, 0, 1, low_open=True)
+        check_int("validation", self.validation, 1)
         if self.epochs is None and self.steps is None:
             raise InvalidArgument("give epochs or steps: the run needs a length")
         for name in ("steps", "epochs"):
@@ -274,11 +310,19 @@ def _train(world_dir, out: Path, config: TrainConfig, *, device: str, resume: bo
     world, tokenizer = load_world(world_dir)
     corpus = Corpus.load(Path(world_dir) / "corpus")
     dev = resolve_device(device)
-    shape = dataclasses.replace(get_preset(config.preset), n_ctx=max(corpus.config.block_len, 64))
-    model = build_model(shape, tokenizer, config.seed).to(dev)
+    init = None
+    if config.init_from is not None:
+        model, init = _initial_model(config.init_from, world, tokenizer, corpus)
+        shape = shape_of(model)
+    else:
+        shape = dataclasses.replace(get_preset(config.preset),
+                                    n_ctx=max(corpus.config.block_len, 64))  # fmt: skip
+        model = build_model(shape, tokenizer, config.seed)
+    model = model.to(dev)
     model.config.behemoth_world = world.fingerprint
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trainable = _trainable(model, config)
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": config.weight_decay},
@@ -289,16 +333,20 @@ def _train(world_dir, out: Path, config: TrainConfig, *, device: str, resume: bo
     )
     log: dict[str, Any] = {"train": config.to_dict(), "model": shape.to_dict(),
                            "world": world.config.to_dict(), "corpus": corpus.config.to_dict(),
-                           "command": command, "device": str(dev), "history": [], "wall_seconds": 0.0}  # fmt: skip
+                           "command": command, "device": str(dev), "history": [], "wall_seconds": 0.0,
+                           "init": init}  # fmt: skip
     step = 0
     if resume:
-        step, log = _restore(out, model, opt, config, world)
+        step, log = _restore(out, model, opt, config, world, init)
+        if "stopped" in log:
+            return log
     batches = Schedule(corpus, world, config, tokenizer.pad_id, tokenizer.eot_id)
     total = batches.total
     eval_rows = np.random.default_rng(config.seed).choice(
         world.n_facts, size=min(config.eval_facts, world.n_facts), replace=False
     )
     eval_facts = world.facts()[np.sort(eval_rows)]
+    validation = _validation_blocks(corpus, config, tokenizer) if config.stop_loss else None
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if dev.type == "cuda"
@@ -316,7 +364,7 @@ def _train(world_dir, out: Path, config: TrainConfig, *, device: str, resume: bo
         for group in opt.param_groups:
             group["lr"] = config.lr_at(step, total)
         with autocast:
-            logits = model(input_ids=x[:, :-1]).logits
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits
         loss = F.cross_entropy(logits.float()[mask], x[:, 1:][mask])
         if not torch.isfinite(loss):
             bar.close()
@@ -325,35 +373,42 @@ def _train(world_dir, out: Path, config: TrainConfig, *, device: str, resume: bo
                 f"{config.lr_at(step, total):g}); nothing was saved for this step. Lower --lr "
                 "(the shipped models use 2e-3 with --warmup 200)"
             )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
+        if trainable:  # with every parameter frozen the run changes nothing, by design
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.grad_clip)
+            opt.step()
         step += 1
         running, count = running + loss.item(), count + 1
         bar.update(1)
         if step % config.eval_every == 0 or step == total:
             model.eval()
             acc = evaluate_facts(model, world, tokenizer, eval_facts)
-            model.train()
             entry = {"step": step, "epoch": batches.epoch(step),
                      "loss": running / count, "lr": config.lr_at(step - 1, total),
                      "accuracy": acc.accuracy, "seconds": time.perf_counter() - started}  # fmt: skip
+            if validation is not None:
+                entry["validation_loss"] = _validation_loss(model, validation, config.loss_on)
+            model.train()
             log["history"].append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{acc.accuracy:.3f}")
             running, count = 0.0, 0
-        interrupted = step == stop_at and step < total
-        if step == total or interrupted or (config.save_every and step % config.save_every == 0):
+            reason = _stop_reason(entry, config)
+            if reason is not None:
+                log["stopped"] = {"step": step, "reason": reason}
+        done = step == total or "stopped" in log
+        interrupted = step == stop_at and not done
+        if done or interrupted or (config.save_every and step % config.save_every == 0):
             log["wall_seconds"] = time.perf_counter() - started
             log["step"] = step
-            if step == total:
+            if done:
                 model.eval()
                 final = evaluate_facts(model, world, tokenizer)
                 log["final"] = final.summary()
-            _save(out, model, opt, world, log, config.save_optimizer or step < total)
+            _save(out, model, opt, world, log, config.save_optimizer or not done)
             model.train()
-        if interrupted:
+        if interrupted or done:
             break
     bar.close()
     return log
@@ -377,8 +432,13 @@ def _save(out: Path, model, opt, world, log: dict, with_state: bool) -> None:
     write_dir(out, fill, overwrite=True, replaceable=is_checkpoint)
 
 
-def _restore(out: Path, model, opt, config: TrainConfig, world) -> tuple[int, dict]:
+def _restore(out: Path, model, opt, config: TrainConfig, world, init) -> tuple[int, dict]:
     log = read_json(out / TRAIN_LOG, what="training log")
+    if log.get("init") != init:
+        raise InvalidArgument(
+            f"{out} started from other weights ({(log.get('init') or {}).get('weights_sha256')}"
+            f" against {(init or {}).get('weights_sha256')}): resume with the --init-from it used"
+        )
     if log["world"] != world.config.to_dict():
         raise InvalidArgument(
             f"{out} was trained on another world: resume with the world it came from"
@@ -405,3 +465,82 @@ def _restore(out: Path, model, opt, config: TrainConfig, world) -> tuple[int, di
     opt.load_state_dict(saved["optimizer"])
     log["train"] = config.to_dict()
     return int(saved["step"]), log
+
+
+def _initial_model(path: str, world: World, tokenizer: WorldTokenizer, corpus: Corpus):
+    """The checkpoint a continued run starts from, checked against the world it trains on,
+    and its record for the log (path and weights hash, which a resume must match)."""
+    model, _, saved = load_hf(path)
+    if saved.tokens != tokenizer.tokens or not np.array_equal(saved.token_space,
+                                                              tokenizer.token_space):  # fmt: skip
+        raise CheckpointMismatch(
+            f"--init-from {path} has another vocabulary than the world it would train on "
+            f"({saved.vocab_size} tokens against {tokenizer.vocab_size}, or other entity spaces):"
+            " continued training needs a world with the same entity counts and tokens per entity"
+        )
+    if model.config.max_position_embeddings < corpus.config.block_len:
+        raise InvalidArgument(
+            f"--init-from {path} reads {model.config.max_position_embeddings} positions, fewer "
+            f"than the corpus's blocks of {corpus.config.block_len}: build the world with "
+            f"--block-len {model.config.max_position_embeddings} or less"
+        )
+    sha = hashlib.sha256((Path(path) / "model.safetensors").read_bytes()).hexdigest()
+    return model, {"path": str(path), "weights_sha256": sha}
+
+
+def _trainable(model, config: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
+    """The (name, parameter) pairs a run trains: all but the frozen ones, which are marked
+    as needing no gradient."""
+    n = model.config.num_hidden_layers
+    if config.freeze_blocks and config.freeze_blocks[-1] >= n:
+        raise InvalidArgument(
+            f"freeze_blocks {list(config.freeze_blocks)} are not all in this model: it has "
+            f"blocks 0..{n - 1}"
+        )
+    frozen = tuple(f"gpt_neox.layers.{b}." for b in config.freeze_blocks)
+    if config.freeze_embeddings:
+        frozen += ("gpt_neox.embed_in.",)
+    if config.freeze_unembedding:
+        frozen += ("gpt_neox.final_layer_norm.", "lm_head.")  # saved as embed_out
+    out = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(frozen))
+        if p.requires_grad:
+            out.append((name, p))
+    return out
+
+
+def _validation_blocks(corpus: Corpus, config: TrainConfig, tokenizer: WorldTokenizer):
+    """Blocks of `validation` sentences sampled (seeded) from the corpus, as the retention
+    paper samples its validation sets from the training data."""
+    n = len(corpus.sentences)
+    keep = np.zeros(n, dtype=bool)
+    keep[
+        np.random.default_rng([config.seed, 5]).choice(n, min(config.validation, n), replace=False)
+    ] = True
+    return corpus.shuffled([config.seed, 5], tokenizer.pad_id, tokenizer.eot_id, keep)
+
+
+@torch.inference_mode()
+def _validation_loss(model, blocks, loss_on: str, batch_size: int = 64) -> float:
+    """Mean next-token cross-entropy over the validation blocks' trained tokens."""
+    tokens, roles = blocks
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(tokens), batch_size):
+        x = torch.as_tensor(tokens[i : i + batch_size].astype(np.int64), device=device)
+        role = torch.as_tensor(roles[i : i + batch_size, 1:], device=device)
+        mask = role == OBJECT if loss_on == "object" else role != PAD_ROLE
+        logits = model(input_ids=x[:, :-1], use_cache=False).logits.float()
+        total += F.cross_entropy(logits[mask], x[:, 1:][mask], reduction="sum").item()
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def _stop_reason(entry: dict[str, Any], config: TrainConfig) -> str | None:
+    """Why the run stops at this evaluation (the stopping rules of `TrainConfig`), or None."""
+    if config.stop_loss is not None and entry["validation_loss"] <= config.stop_loss:
+        return f"validation loss {entry['validation_loss']:.4f} <= {config.stop_loss}"
+    if config.stop_accuracy is not None and entry["accuracy"] >= config.stop_accuracy:
+        return f"fact accuracy {entry['accuracy']:.4f} >= {config.stop_accuracy}"
+    return None

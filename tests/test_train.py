@@ -199,3 +199,116 @@ def test_a_second_concurrent_training_is_refused(micro_dir, tmp_path):
     finally:
         first.wait(timeout=300)
     assert first.returncode == 0 and (out / "train_log.json").is_file()
+
+
+# ------------------------------------------------------------------ continued training
+@pytest.fixture(scope="module")
+def base_model(micro_dir, tmp_path_factory):
+    """The micro recipe's model after 30 steps: the checkpoint continued runs start from."""
+    out = tmp_path_factory.mktemp("base") / "model"
+    train(micro_dir, out, TrainConfig(steps=30, epochs=None, **MICRO_TRAIN), progress=False)
+    return out
+
+
+def continued(base, **kwargs) -> TrainConfig:
+    return TrainConfig(**{**MICRO_TRAIN, "steps": 20, "epochs": None, "eval_every": 10,
+                          "init_from": str(base), **kwargs})  # fmt: skip
+
+
+def test_continued_training_with_every_parameter_frozen_is_the_checkpoint(
+    micro_dir, base_model, tmp_path
+):
+    everything = continued(base_model, freeze_blocks=(0, 1), freeze_embeddings=True,
+                           freeze_unembedding=True)  # fmt: skip
+    log = train(micro_dir, tmp_path / "m", everything, progress=False)
+    before, after = (
+        load_file(base_model / "model.safetensors"),
+        load_file(tmp_path / "m" / "model.safetensors"),
+    )
+    assert before.keys() == after.keys()
+    assert all((before[k] == after[k]).all() for k in before)
+    assert log["weights_sha256"] == log["init"]["weights_sha256"]
+    assert log["step"] == 20 and log["history"][-1]["loss"] > 0
+
+
+def test_continued_training_starts_from_the_checkpoint_and_freezes_what_it_names(
+    micro_dir, base_model, tmp_path
+):
+    log = train(micro_dir, tmp_path / "m", continued(base_model, freeze_blocks=(0,)),
+                progress=False)  # fmt: skip
+    before, after = (
+        load_file(base_model / "model.safetensors"),
+        load_file(tmp_path / "m" / "model.safetensors"),
+    )
+    frozen = {k for k in before if k.startswith("gpt_neox.layers.0.")}
+    assert frozen and all((before[k] == after[k]).all() for k in frozen)
+    assert all(not (before[k] == after[k]).all() for k in before if k not in frozen)
+    # from the checkpoint, not a fresh model: its first evaluation is already the base's level
+    base = json.loads((base_model / "train_log.json").read_text())
+    assert log["history"][0]["accuracy"] >= base["final"]["top1"] - 0.25
+    assert log["init"] == {"path": str(base_model), "weights_sha256": base["weights_sha256"]}
+
+
+def test_a_continued_run_resumes_exactly_and_only_from_its_own_start(
+    micro_dir, base_model, tmp_path
+):
+    import shutil
+
+    start = tmp_path / "start"
+    shutil.copytree(base_model, start)
+    config = continued(start)
+    train(micro_dir, tmp_path / "a", config, progress=False)
+    train(micro_dir, tmp_path / "b", config, stop_at=10, progress=False)
+    train(micro_dir, tmp_path / "b", config, resume=True, progress=False)
+    a, b = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
+    assert all((a[k] == b[k]).all() for k in a)
+    train(micro_dir, tmp_path / "c", config, stop_at=10, progress=False)
+    shutil.rmtree(start)
+    shutil.copytree(tmp_path / "a", start)  # other weights under the same path
+    with pytest.raises(InvalidArgument, match="started from other weights"):
+        train(micro_dir, tmp_path / "c", config, resume=True, progress=False)
+
+
+def test_early_stopping_ends_the_run_at_the_first_evaluation_that_meets_it(
+    micro_dir, base_model, tmp_path
+):
+    log = train(micro_dir, tmp_path / "acc", continued(base_model, stop_accuracy=0.01),
+                progress=False)  # fmt: skip
+    assert log["stopped"]["step"] == 10 and "fact accuracy" in log["stopped"]["reason"]
+    assert log["step"] == 10 and [h["step"] for h in log["history"]] == [10]
+    assert "final" in log
+    again = train(micro_dir, tmp_path / "acc", continued(base_model, stop_accuracy=0.01,
+                  save_optimizer=True), resume=True, progress=False)  # fmt: skip
+    assert again["step"] == 10  # a stopped run is finished: resuming trains nothing
+    never = train(micro_dir, tmp_path / "loss", continued(base_model, stop_loss=1e-9, validation=50),
+                  progress=False)  # fmt: skip
+    assert "stopped" not in never and never["step"] == 20
+    losses = [h["validation_loss"] for h in never["history"]]
+    assert all(np.isfinite(x) and x > 0 for x in losses)
+    at_once = train(micro_dir, tmp_path / "high", continued(base_model, stop_loss=max(losses) + 1,
+                    validation=50), progress=False)  # fmt: skip
+    assert at_once["stopped"]["step"] == 10 and "validation loss" in at_once["stopped"]["reason"]
+
+
+def test_continued_training_refuses_another_vocabulary_or_missing_blocks(
+    micro_dir, base_model, tmp_path
+):
+    from behemoth_interp.errors import CheckpointMismatch
+
+    other = tmp_path / "other"  # 50 objects take other tokens than 9
+    build_world(
+        WorldConfig(n_subjects=24, n_relations=2, n_objects=50), CorpusConfig(block_len=64), other
+    )
+    with pytest.raises(CheckpointMismatch, match="another vocabulary"):
+        train(other, tmp_path / "a", continued(base_model), progress=False)
+    with pytest.raises(InvalidArgument, match="freeze_blocks"):
+        train(micro_dir, tmp_path / "b", continued(base_model, freeze_blocks=(2,)), progress=False)
+    same_vocabulary = tmp_path / "same"
+    build_world(
+        dataclasses.replace(MICRO_WORLD, seed=5), CorpusConfig(block_len=64), same_vocabulary
+    )
+    log = train(same_vocabulary, tmp_path / "c", continued(base_model, steps=5), progress=False)
+    assert log["step"] == 5  # another world of the same vocabulary: the downstream case
