@@ -444,7 +444,8 @@ def _restore(out: Path, model, opt, config: TrainConfig, world, init) -> tuple[i
             f"{out} was trained on another world: resume with the world it came from"
         )
     length = {"steps": None, "epochs": None}  # the only settings a resumed run may change
-    if {**log["train"], **length} != {**config.to_dict(), **length}:
+    saved_config = TrainConfig.from_dict(log["train"]).to_dict()  # older logs lack new fields
+    if {**saved_config, **length} != {**config.to_dict(), **length}:
         raise InvalidArgument(
             f"{out} was trained with other settings: resume only changes the run length"
         )

@@ -312,3 +312,16 @@ def test_continued_training_refuses_another_vocabulary_or_missing_blocks(
     )
     log = train(same_vocabulary, tmp_path / "c", continued(base_model, steps=5), progress=False)
     assert log["step"] == 5  # another world of the same vocabulary: the downstream case
+
+
+def test_a_run_logged_before_continued_training_existed_still_resumes(micro_dir, tmp_path):
+    config = TrainConfig(steps=8, epochs=None, **MICRO_TRAIN)
+    train(micro_dir, tmp_path / "m", config, stop_at=4, progress=False)
+    path = tmp_path / "m" / "train_log.json"
+    log = json.loads(path.read_text())
+    new = ("init_from", "freeze_blocks", "freeze_embeddings", "freeze_unembedding", "stop_loss",
+           "stop_accuracy", "validation")  # fmt: skip
+    log["train"] = {k: v for k, v in log["train"].items() if k not in new}
+    del log["init"]
+    path.write_text(json.dumps(log))
+    assert train(micro_dir, tmp_path / "m", config, resume=True, progress=False)["step"] == 8
