@@ -130,6 +130,18 @@ def train_cmd(
     eval_every: int = typer.Option(1000, help="Steps between fact-accuracy evaluations."),
     save_every: int = typer.Option(0, help="Steps between checkpoints (0: only at the end)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    init_from: Optional[Path] = typer.Option(
+        None, help="Continue training this checkpoint (same vocabulary) instead of a fresh model."
+    ),
+    freeze: str = typer.Option(
+        "", help="Blocks that never change, e.g. '0,1'; with 'embed' and 'unembed' for those."
+    ),
+    stop_loss: Optional[float] = typer.Option(
+        None, help="Stop at the first evaluation whose validation loss is at most this."
+    ),
+    stop_accuracy: Optional[float] = typer.Option(
+        None, help="Stop at the first evaluation whose fact accuracy is at least this."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out."),
     no_optimizer: bool = typer.Option(
         False, "--no-optimizer", help="Do not keep optimizer state at the end."
@@ -150,12 +162,26 @@ def train_cmd(
         epochs=epochs if epochs is not None or steps is not None else 10, steps=steps,
         warmup_steps=warmup, warm_steps=warm_steps, warm_fraction=warm_fraction, fresh_choices=fresh_choices, schedule=schedule, min_lr_ratio=min_lr_ratio, loss_on=loss_on, seed=seed,  # type: ignore[arg-type]
         eval_every=eval_every, save_every=save_every, save_optimizer=not no_optimizer,
+        init_from=None if init_from is None else str(init_from), stop_loss=stop_loss,
+        stop_accuracy=stop_accuracy, **parse_freeze(freeze),
     )  # fmt: skip
     command = "behemoth-interp " + " ".join(sys.argv[1:])
     log = train(world_dir, out, config, device=device, resume=resume, overwrite=force,
                 command=command)  # fmt: skip
     typer.echo(f"wrote {out} after {log['step']} steps in {log['wall_seconds']:.0f} s")
+    if "stopped" in log:
+        typer.echo(f"stopped early at step {log['stopped']['step']}: {log['stopped']['reason']}")
     typer.echo(format_accuracy(log["final"]))
+
+
+def parse_freeze(text: str) -> dict[str, object]:
+    """--freeze '0,1,embed,unembed' as TrainConfig's freeze_blocks / freeze_embeddings /
+    freeze_unembedding."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    names = {"embed": "freeze_embeddings", "unembed": "freeze_unembedding"}
+    blocks = [t for t in items if t not in names]
+    return {"freeze_blocks": tuple(parse_ints(",".join(blocks), "--freeze")) if blocks else (),
+            **{names[t]: True for t in items if t in names}}  # fmt: skip
 
 
 @app.command("evaluate")

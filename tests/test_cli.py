@@ -137,6 +137,9 @@ def micro_world(tmp_path_factory):
         (["--warm-fraction", "0"], "warm_fraction (--warm-fraction) must be > 0 and <= 1, got 0.0"),
         (["--lr", "0"], "lr (--lr) must be > 0, got 0.0"),
         (["--resume", "--force"], "--resume continues the run in --out and --force replaces it: pick one"),
+        (["--freeze", "0,top"], "--freeze takes integers separated by commas (e.g. '0,2'), got '0,top'"),
+        (["--stop-accuracy", "0"], "stop_accuracy (--stop-accuracy) must be > 0 and <= 1, got 0.0"),
+        (["--init-from", "nowhere"], "nowhere is not a directory: pass a checkpoint written by `train`"),
     ],
 )  # fmt: skip
 def test_bad_train_arguments(micro_world, tmp_path, monkeypatch, capsys, args, message):
@@ -145,6 +148,17 @@ def test_bad_train_arguments(micro_world, tmp_path, monkeypatch, capsys, args, m
                                  str(out), "--preset", "tiny", *args)  # fmt: skip
     assert (code, stderr) == (2, f"error: {message}\n")
     assert not out.exists()
+
+
+def test_train_continues_a_checkpoint_with_frozen_parts(micro_world, tmp_path, monkeypatch, capsys):
+    base, frozen = tmp_path / "base", tmp_path / "frozen"
+    args = ("--preset", "tiny", "--steps", "3", "--eval-every", "3")
+    assert _main(monkeypatch, capsys, "train", str(micro_world), "--out", str(base), *args)[0] == 0
+    code, stdout, _ = _main(monkeypatch, capsys, "train", str(micro_world), "--out", str(frozen),
+                            *args, "--init-from", str(base), "--freeze", "0,1,embed,unembed",
+                            "--stop-accuracy", "0.001")  # fmt: skip
+    assert code == 0 and "stopped early at step 3: fact accuracy" in stdout
+    assert (frozen / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes()
 
 
 def test_train_leaves_an_occupied_out_untouched(micro_world, tmp_path, monkeypatch, capsys):
