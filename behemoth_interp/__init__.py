@@ -39,7 +39,16 @@ from behemoth_interp.edit import (
     training_scores,
 )
 from behemoth_interp.evaluate import FactAccuracy, FactScores, evaluate_facts
-from behemoth_interp.grammar import PARAPHRASES, ROLES, TEMPLATES, Sentences, Template, render
+from behemoth_interp.grammar import (
+    AUGMENT_PARAPHRASES,
+    PARAPHRASES,
+    ROLES,
+    TEMPLATES,
+    Sentences,
+    Template,
+    augment_templates,
+    render,
+)
 from behemoth_interp.hooks import (
     SITE_KINDS,
     Capture,
@@ -142,6 +151,8 @@ __all__ = [
     "hooked_in_world",
     "train",
     "PARAPHRASES",
+    "AUGMENT_PARAPHRASES",
+    "augment_templates",
     "ROLES",
     "SITE_KINDS",
     "TEMPLATES",

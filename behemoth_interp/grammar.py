@@ -96,6 +96,21 @@ AUGMENT_PARAPHRASES = (
 (Retention paper, k = 5 and 10) that leaves the evaluation paraphrases unseen by the edit."""
 
 
+def augment_templates(k: int) -> tuple[str, ...]:
+    """The first `k` of `AUGMENT_PARAPHRASES`: the paraphrases a k-paraphrase-augmented edit
+    states its facts in, besides its own templates (Retention paper, section 5.1)."""
+    if (
+        isinstance(k, bool)
+        or not isinstance(k, int | np.integer)
+        or not 0 <= k <= len(AUGMENT_PARAPHRASES)
+    ):
+        raise InvalidArgument(
+            f"paraphrases must be an integer from 0 to {len(AUGMENT_PARAPHRASES)} (the grammar's "
+            f"augmentation paraphrases), got {k!r}"
+        )
+    return AUGMENT_PARAPHRASES[: int(k)]
+
+
 def get_template(name: str) -> Template:
     if name not in TEMPLATES:
         raise InvalidArgument(f"unknown template {name!r}: choose one of {sorted(TEMPLATES)}")

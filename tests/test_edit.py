@@ -189,6 +189,33 @@ def test_forget_dataset_and_grammar_mix(worlds):
     assert small.counts() == {"forget": math.ceil(0.05 * 30), "other": 2}
 
 
+@pytest.mark.parametrize("kind", ["single", "ten_different"])
+def test_paraphrase_augmented_overrides_state_each_edit_in_k_plus_one_templates(worlds, kind):
+    """Retention paper 5.1: k paraphrases per edit. Each edited tuple's repeats are shared
+    equally (within one row) between its template and the first k augmentation paraphrases;
+    every other row, and every row's fact and part, is the dataset without augmentation."""
+    from behemoth_interp.grammar import AUGMENT_PARAPHRASES
+
+    world, _ = worlds["independent"]
+    task = EditTask.draw(world, kind, seed=2)
+    plain = edit_dataset(task, EditDataConfig(repeats=30))
+    k = 3
+    augmented = edit_dataset(task, EditDataConfig(repeats=30, paraphrases=k))
+    assert np.array_equal(plain.facts, augmented.facts)
+    assert np.array_equal(plain.part, augmented.part)
+    other = augmented.part != "edit"
+    assert np.array_equal(plain.template[other], augmented.template[other])
+    df = augmented.to_dataframe()
+    per_tuple = df[df.part == "edit"].groupby(["subject", "relation"]).template.value_counts()
+    assert len(per_tuple) == len(task.facts) * (k + 1)
+    assert set(df[df.part == "edit"].template) == {"paper", *AUGMENT_PARAPHRASES[:k]}
+    assert per_tuple.max() - per_tuple.min() <= 1 and per_tuple.sum() == 30 * len(task.facts)
+    with pytest.raises(InvalidArgument, match="from 0 to 10"):
+        EditDataConfig(paraphrases=11)
+    with pytest.raises(InvalidArgument, match="set paraphrases=0"):
+        edit_dataset(EditTask.draw(world, "forget", relation=1), EditDataConfig(paraphrases=2))
+
+
 def test_data_config_validation_and_round_trip():
     c = EditDataConfig(repeats=10, ratio=(2, 0, 4), grammar_mix=(("compact", 2.0),))
     assert EditDataConfig.from_dict(c.to_dict()) == c
@@ -266,8 +293,12 @@ def test_single_override_reaches_the_new_object(micro_hf, tmp_path):
         "sharing": 125,
         "random": 500,
     }
-    assert r.params_changed == sum(p.numel() for n, p in hf.named_parameters() if ".layers." in n
-                                   and "layernorm" not in n)  # fmt: skip
+    # every block weight moves, bar a few elements whose every gradient is exactly 0 in floats
+    # (one of 99,456 on this project's later machine, none on the earlier one)
+    tuned = {n: p.numel() for n, p in hf.named_parameters() if ".layers." in n
+             and "layernorm" not in n}  # fmt: skip
+    assert set(r.changed) == set(tuned) and all(r.changed[n] > 0 for n in tuned)
+    assert sum(tuned.values()) - 10 <= r.params_changed <= sum(tuned.values())
     x = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(
         result.hooked(x), result.model(input_ids=x).logits, atol=1e-4, rtol=1e-4

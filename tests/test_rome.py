@@ -106,6 +106,34 @@ def test_edited_mlp_maps_the_key_to_the_value(micro_hf):
     assert set(update.to_dict()) >= {"fact", "target", "steps", "nll", "kl", "delta_norm"}
 
 
+def test_paraphrases_state_the_delta_search_in_the_augmentation_templates(micro_hf):
+    """Paraphrase-augmented ROME / MEMIT / AlphaEdit (Retention paper 5.1): δ is fit on the
+    edit stated in the config's templates and in the first k augmentation paraphrases; the
+    key statistics stay on the templates."""
+    from behemoth_interp.edit.methods.memit import MemitConfig
+    from behemoth_interp.edit.values import fit_value, prompt_templates
+    from behemoth_interp.errors import InvalidArgument
+    from behemoth_interp.grammar import AUGMENT_PARAPHRASES
+
+    hf, world, tok = micro_hf
+    model = to_hooked(hf, tok)
+    task = EditTask.draw(world, "single", seed=1)
+    fact, target = task.facts[0], int(task.targets[0])
+    counts = {}
+    for k in (0, 2):
+        config = RomeConfig(layer=1, v_steps=1, paraphrases=k)
+        assert prompt_templates(config) == ("paper", *AUGMENT_PARAPHRASES[:k])
+        fit = fit_value(model, world, fact, target, np.zeros((0, 3), dtype=np.int64), 1, config)
+        counts[k] = len(fit.groups)
+    assert counts[2] == 3 * counts[0]
+    assert prompt_templates(MemitConfig(paraphrases=10))[1:] == AUGMENT_PARAPHRASES
+    assert RomeConfig.from_dict(RomeConfig(paraphrases=5).to_dict()).paraphrases == 5
+    with pytest.raises(InvalidArgument, match="name them in one place"):
+        RomeConfig(templates=("paper", "bare"), paraphrases=1)
+    with pytest.raises(InvalidArgument, match="from 0 to 10"):
+        MemitConfig(paraphrases=-1)
+
+
 def test_object_position_maps_every_key_to_the_value(micro_hf):
     """position='object': one key per position that predicts an object token, one δ, a
     rank-one update that maps each key to its old output + δ (even in the last block)."""

@@ -113,6 +113,20 @@ def test_expansion_is_deterministic_and_each_key_appears_once(micro_checkpoint):
     assert {r.key for r in expand(other)} <= {r.key for r in a}
 
 
+def test_paraphrases_are_a_sweep_axis(micro_checkpoint):
+    """Paraphrase augmentation as a grid axis: ROME's `paraphrases`, fine-tuning's through
+    its data config."""
+    spec = SweepSpec.from_dict(tiny_spec(micro_checkpoint, methods=[
+        {"method": "rome", "grid": {"layer": [0], "paraphrases": [0, 2]}},
+        {"method": "finetune", "grid": {"data": [{"paraphrases": 0}, {"paraphrases": 5}]}},
+    ], blocks=[[0]]))  # fmt: skip
+    runs = expand(spec).runs
+    assert len({r.key for r in runs}) == 4
+    got = sorted((r.method, r.config.get("paraphrases", r.config.get("data", {}).get("paraphrases")))
+                 for r in runs)  # fmt: skip
+    assert got == [("finetune", 0), ("finetune", 5), ("rome", 0), ("rome", 2)]
+
+
 @pytest.mark.parametrize(
     "change, field",
     [

@@ -16,7 +16,7 @@ import pandas as pd
 from behemoth_interp._io import JsonConfig
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import InvalidArgument, check_int
-from behemoth_interp.grammar import get_template
+from behemoth_interp.grammar import augment_templates, get_template
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,9 @@ class EditDataConfig(JsonConfig):
     forget_fraction: share of the relation's tuples in a forgetting dataset; forget_ratio:
     those : tuples of other relations; grammar_mix: (template, weight) pairs. general, general_mix:
     how many general-data sentences objectives with an SFT term train on (the world's
-    unchanged tuples, seeded), in which templates.
+    unchanged tuples, seeded), in which templates. paraphrases: k, paraphrase-augmented
+    overrides (Retention paper, section 5.1): each edited tuple's repeats are stated in equal
+    shares in its `grammar_mix` template and in each of the first k `AUGMENT_PARAPHRASES`.
     """
 
     repeats: int = 250
@@ -39,8 +41,10 @@ class EditDataConfig(JsonConfig):
     general: int = 1000
     general_mix: tuple[tuple[str, float], ...] = (("paper", 1.0),)
     seed: int = 0
+    paraphrases: int = 0
 
     def __post_init__(self) -> None:
+        augment_templates(self.paraphrases)
         object.__setattr__(self, "ratio", tuple(float(x) for x in self.ratio))
         object.__setattr__(self, "forget_ratio", tuple(float(x) for x in self.forget_ratio))
         for name in ("grammar_mix", "general_mix"):
@@ -132,8 +136,24 @@ def edit_dataset(task: EditTask, config: EditDataConfig = EditDataConfig()) -> E
     facts = np.concatenate([p for _, p in parts]).astype(np.int64)
     part = np.concatenate([np.full(len(p), name, dtype=object) for name, p in parts])
     template = _templates(rng, config.grammar_mix, len(facts))
+    if config.paraphrases:
+        if task.kind == "forget":
+            raise InvalidArgument(
+                "paraphrases augment the statements of overrides; a forgetting dataset states "
+                "each forgotten tuple once: set paraphrases=0"
+            )
+        _augment(template, part, config.paraphrases, config.repeats)
     order = rng.permutation(len(facts))
     return EditDataset(facts[order], template[order], part[order])
+
+
+def _augment(template: np.ndarray, part: np.ndarray, k: int, repeats: int) -> None:
+    """Give each edited tuple's `repeats` rows (consecutive in `part == 'edit'`) its template
+    and the first `k` augmentation paraphrases in turn: equal shares, within one row."""
+    rows = np.flatnonzero(part == "edit")
+    turn = np.arange(len(rows)) % repeats % (k + 1)
+    names = np.asarray(augment_templates(k), dtype=object)
+    template[rows[turn > 0]] = names[turn[turn > 0] - 1]
 
 
 def general_data(task: EditTask, config: EditDataConfig = EditDataConfig()) -> EditDataset:

@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from behemoth_interp.errors import InvalidArgument
-from behemoth_interp.grammar import get_template
+from behemoth_interp.grammar import augment_templates, get_template
 from behemoth_interp.hooks import Capture, Inputs, Patch, Site, build_inputs, capture
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
@@ -118,6 +118,13 @@ class ValueSettings(Protocol):
     clamp_norm_factor: float
 
 
+def prompt_templates(config) -> tuple[str, ...]:
+    """The templates the δ search states an edit in: the config's `templates`, then its
+    `paraphrases` (the first k augmentation paraphrases: paraphrase-augmented editing,
+    Retention paper section 5.1). The key statistics stay on `templates`, the model's grammar."""
+    return (*config.templates, *augment_templates(config.paraphrases))
+
+
 def check_settings(config) -> None:
     """Validate what the configs of ROME, MEMIT and AlphaEdit share (from their
     `__post_init__`): `templates` (a name becomes a tuple), `position`, the δ search's
@@ -130,6 +137,11 @@ def check_settings(config) -> None:
         )
     for name in config.templates:
         get_template(name)
+    if set(config.templates) & set(augment_templates(config.paraphrases)):
+        raise InvalidArgument(
+            f"templates {config.templates} already name some of the {config.paraphrases} "
+            "augmentation paraphrases: name them in one place"
+        )
     if config.position not in KEY_POSITIONS:
         raise InvalidArgument(
             f"unknown position {config.position!r}: choose one of {', '.join(KEY_POSITIONS)}"
@@ -175,8 +187,8 @@ def fit_value(
     L = layer
     needed = [Site("resid_pre", L), Site("mlp_post", L), Site("mlp_out", L)]
     edited = np.array([[fact[0], fact[1], target]], dtype=np.int64)
-    batches = edit_groups(model, world, edited, essence, config.templates, config.position,
-                          needed + [s for s in sites if s not in needed])  # fmt: skip
+    batches = edit_groups(model, world, edited, essence, prompt_templates(config),
+                          config.position, needed + [s for s in sites if s not in needed])  # fmt: skip
     key = read_keys(batches, needed[1], config.position)
     with torch.no_grad():
         mlp = model.blocks[L].mlp

@@ -54,7 +54,8 @@ class LocateConfig(JsonConfig):
     """What the configs of MEMIT and AlphaEdit share. layers: consecutive blocks whose MLP
     output weights change, δ fit at the last. position: where keys are read, 'object' or
     'last_subject' (as ROME's). The δ search's settings (v_lr ... clamp_norm_factor) are ROME's
-    (`RomeConfig`), as are templates, cov_sentences and seed (the key statistics' estimate)."""
+    (`RomeConfig`), as are templates, paraphrases, cov_sentences and seed (the key statistics'
+    estimate)."""
 
     layers: tuple[int, ...] = (2, 3, 4)
     position: str = "object"
@@ -67,6 +68,7 @@ class LocateConfig(JsonConfig):
     templates: tuple[str, ...] = ("paper",)
     cov_sentences: int | None = 1000
     seed: int = 0
+    paraphrases: int = 0
 
     def __post_init__(self) -> None:
         layers = (self.layers,) if isinstance(self.layers, int | np.integer) else self.layers

@@ -78,7 +78,8 @@ class RomeConfig(JsonConfig):
     v_steps updates, stopping once the loss is below v_stop_loss. kl_factor, weight_decay,
     clamp_norm_factor: ROME's loss weights and norm bound (see the module; kl_factor acts at
     'last_subject' only). templates: the grammar the model was trained on; the covariance is
-    estimated on the world's tuples rendered in them, and δ fit in all of them. cov_sentences:
+    estimated on the world's tuples rendered in them, and δ fit in all of them and in the first
+    `paraphrases` augmentation paraphrases (paraphrase-augmented editing). cov_sentences:
     sentences drawn (with `seed`) for the covariance, None for every tuple of the world.
     cov_ridge: C + cov_ridge · mean eigenvalue · I is inverted (layer-0 keys depend on the token
     alone and span few directions). ROME's closed form does not depend on the scale of C, so
@@ -97,6 +98,7 @@ class RomeConfig(JsonConfig):
     cov_sentences: int | None = 1000
     cov_ridge: float = 1e-3
     seed: int = 0
+    paraphrases: int = 0
 
     def __post_init__(self) -> None:
         if self.layer < 0:
