@@ -343,8 +343,9 @@ def trace_page(
     pairs = [(_twin(a, results), a) for a in attribution]
     cfg = first.config
     about = [METRIC_TEXT[cfg.metric], CORRUPTION_TEXT[cfg.corruption],
-             f"The metric reads object token {cfg.object_token} of the {cfg.template} template "
-             "at the last input position (the object tokens before it are fed). Rows are layers "
+             f"The metric reads the {_object_token(cfg.object_token)} object token "
+             f"(object_token={cfg.object_token}) of the {cfg.template} template at the last input "
+             "position (the object tokens before it are fed). Rows are layers "
              "(layer 0 on top); columns are the input positions, named by their role in the "
              "sentence: EOT the leading <|endoftext|>, SS, RR and OO the markers before the "
              "subject, relation and object, F0, F1, ... fillers, subject[i] the subject's i-th "
@@ -357,8 +358,8 @@ def trace_page(
     settings = {"tuples": len(first.tuples)}
     for r in [*results, *attribution]:
         settings[f"{r.config.method} trace of {', '.join(r.sites)}"] = r.config.to_dict()
-    page = Page(f"Causal tracing: {first.counted()}, {cfg.metric} metric", run=run, about=about,
-                settings=settings)  # fmt: skip
+    title = f"Causal tracing: {first.counted()}, {_score_name(first)} metric"
+    page = Page(title, run=run, about=about, settings=settings)
     if accuracy is not None:
         page.section("Fact accuracy per relation", *_accuracy_items(accuracy))
     for r in results:
@@ -370,6 +371,10 @@ def trace_page(
         page.section("Attribution patching against exact", *_attribution_items(pairs))
     page.section("Tuples traced", *_tuple_items(first, max_rows))
     return page
+
+
+def _object_token(j: int) -> str:
+    return {0: "first", -1: "last"}.get(j, f"number {j} (from 0)")
 
 
 def _twin(attr: TraceResult, exact: Sequence[TraceResult]) -> TraceResult:
