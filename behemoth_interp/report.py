@@ -191,6 +191,7 @@ def write_plotly_js(directory: str | os.PathLike) -> Path:
     check_plotly_js(target)
     if target.exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

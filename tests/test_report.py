@@ -82,6 +82,9 @@ def test_shared_script_is_written_once_and_a_foreign_file_is_kept(tmp_path):
     assert not (other / "p.html").exists()
     Page("p").add(_figure()).write(other / "p.html", offline=True)  # inline needs no script file
     assert (other / plotly_js_name()).read_text() == "alert('mine')"
+    nested = Page("p").add(_figure()).write(tmp_path / "new" / "dir" / "p.html")
+    assert (nested.parent / plotly_js_name()).read_bytes() == first.read_bytes()
+    assert "<script" not in Page("no figures").add("text").html()  # plotly.js only when drawn
 
 
 def test_a_foreign_script_fails_the_command_before_any_work(micro_checkpoint, tmp_path):
@@ -158,11 +161,11 @@ def browser(tmp_path_factory):
 def _commands(micro_checkpoint, sweep_store, out):
     m = str(micro_checkpoint)
     return {
-        "demo": ["demo", "--n", "2", "--out", str(out / "demo.html")],
         "trace": ["trace", m, "--n", "3", "--sites", "resid_pre,mlp_post,head", "--attribution",
                   "--out", str(out / "trace.html")],
         "edit": ["edit", m, "--task", "single", "--method", "lora", "--rank", "4", "--blocks",
-                 "1", "--out", str(out / "edited"), "--html", str(out / "edit.html")],
+                 "1", "--steps", "5", "--max-remaining", "20", "--out", str(out / "edited"),
+                 "--html", str(out / "edit.html")],
         "restore": ["restore", m, "--task", "forget", "--relation", "1", "--edit-steps", "3",
                     "--n", "6", "--out", str(out / "restore.html")],
         "probe": ["probe", m, "--relation", "0", "--out", str(out / "probe.html")],
@@ -183,9 +186,9 @@ def sweep_store(micro_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pages(micro_checkpoint, sweep_store, tmp_path_factory):
+def pages(micro_checkpoint, sweep_store, demo_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("pages")
-    written = {}
+    written = {"demo": demo_run[1]}
     for name, args in _commands(micro_checkpoint, sweep_store, out).items():
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (name, result.output)
