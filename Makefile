@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) -e ".[dev,docs]"
 	touch $@
 
-.PHONY: install lock demo test lint bench
+.PHONY: install lock demo test lint bench docs
 lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
@@ -40,6 +40,11 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check behemoth_interp tests benchmarks
 	$(BIN)/ruff format --check behemoth_interp tests benchmarks
+
+# the docs site in site/, its tutorials executed on the shipped models (the test suite builds it
+# without executing them: CI runs the notebooks as tests already)
+docs: $(BIN)/.installed
+	DOCS_EXECUTE=true $(BIN)/mkdocs build --strict --site-dir site
 
 bench: $(BIN)/.installed
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

@@ -80,6 +80,14 @@ from behemoth_interp.probe import (
     probe,
 )
 from behemoth_interp.rank import MoveRank, move_rank
+from behemoth_interp.report import (
+    Page,
+    RunInfo,
+    edit_page,
+    probe_page,
+    restore_page,
+    trace_page,
+)
 from behemoth_interp.restore import KRSResult, RestoreConfig, restore, window_layers
 from behemoth_interp.sweep import SweepResult, SweepSpec, dry_run, reproduce, run_sweep
 from behemoth_interp.tokenizer import OutOfVocabularyError, WorldTokenizer
@@ -124,6 +132,12 @@ __all__ = [
     "latent_knowledge",
     "probe",
     "KRSResult",
+    "Page",
+    "RunInfo",
+    "edit_page",
+    "probe_page",
+    "restore_page",
+    "trace_page",
     "RestoreConfig",
     "restore",
     "window_layers",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import shlex
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from behemoth_interp._io import is_report, write_page
+from behemoth_interp._io import is_report
 from behemoth_interp.capacity import capacity_search
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
 from behemoth_interp.edit import METHODS, OBJECTIVES
@@ -20,6 +21,7 @@ from behemoth_interp.errors import BehemothError, InvalidArgument
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import TEMPLATES, render
 from behemoth_interp.model import load_hf
+from behemoth_interp.report import Page, RunInfo, check_plotly_js
 from behemoth_interp.train import TrainConfig, train
 from behemoth_interp.world import SPACE_NAMES, WorldConfig
 
@@ -268,42 +270,90 @@ def format_accuracy(summary: dict[str, float]) -> str:
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "models"
 
 
+OFFLINE_HELP = "Put plotly.js inside the page (one file to share; 4.8 MB more)."
+
+
 @app.command()
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("trace.html"), help="Where to write the tracing report."),
     model: str = typer.Option(
         "independent", help="Shipped model: independent, correlated, nested."
     ),
-    n: int = typer.Option(24, help="Tuples of relation 0 to trace."),
+    n: int = typer.Option(4, help="Tuples of each relation to trace."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
 ) -> None:
-    """The main job on a shipped default model: its fact accuracy, then causal tracing."""
+    """The main job on a shipped default model: its fact accuracy, then causal tracing of every
+    relation (sites per layer and position, heads at the subject and the last position, each
+    exact and by attribution) on one report page."""
     from behemoth_interp.model import load_model
+    from behemoth_interp.report import trace_page
     from behemoth_interp.trace import sample_tuples, trace
 
     path = SHIPPED / model
     # the demo's page is regenerated on every run: it replaces a page it wrote, never another file
-    with claim(out, force=True):
+    with claim(out, force=True, offline=offline):
         hooked = load_model(path)
         typer.echo(f"{path}: {hooked.world!r}")
         acc = evaluate_facts(hooked, hooked.world, hooked.world_tokenizer)
         typer.echo(format_accuracy(acc.summary()))
-        result = trace(hooked, sample_tuples(hooked.world, n, relations=[0], seed=0))
-        write_html(result.heatmap(), out)
-    typer.echo(f"\ncausal tracing of {n} tuples of relation r0 (IOI metric, Behemoth eq. 1):")
-    typer.echo(result.top(10).to_string(index=False))
-    typer.echo(f"\nheatmaps: {out.resolve()}")
+        tuples = sample_tuples(hooked.world, n, seed=0)
+        exact = [trace(hooked, tuples), trace(hooked, tuples, sites="head",
+                                              positions=("subject", "last"))]  # fmt: skip
+        estimates = [attribution_of(hooked, tuples, r) for r in exact]
+        page = trace_page(exact, attribution=estimates, accuracy=acc, run=run_info(ctx, hooked))
+        page.write(out, offline=offline)
+    typer.echo(f"\ncausal tracing of {len(tuples)} tuples, {n} per relation with a partner "
+               "(IOI metric, Behemoth eq. 1):")  # fmt: skip
+    typer.echo(exact[0].top(10).to_string(index=False))
+    typer.echo(f"\nreport: {out.resolve()}")
 
 
-def write_html(figure, path: Path) -> None:
-    """A plotly figure as a standalone HTML page, marked as ours, written atomically."""
-    write_page(path, figure.to_html(include_plotlyjs=True))
+def attribution_of(model, tuples, exact):
+    """The attribution-patching estimate of the exact trace `exact` (same settings)."""
+    from behemoth_interp.trace import trace
+
+    return trace(model, tuples, **(exact.config.to_dict() | {"method": "attribution"}))
+
+
+def run_info(
+    ctx: typer.Context, model=None, *, checkpoint: Optional[Path] = None, world=None
+) -> RunInfo:
+    """The page header's facts: a loaded model's checkpoint and world (or those given), and
+    the command line of `ctx`, the running command."""
+    info = RunInfo.of(model) if model is not None else RunInfo()
+    return RunInfo(str(checkpoint) if checkpoint is not None else info.model,
+                   world if world is not None else info.world, command_line(ctx))  # fmt: skip
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The running command as a shell line, with every option at the value it has (defaults
+    included), so a page says exactly what made it."""
+    words = ["behemoth-interp", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.param_type_name == "argument":
+            words += [str(value)] if value is not None else []
+        elif getattr(param, "is_flag", False) and not param.secondary_opts:
+            words += [param.opts[0]] if value else []
+        elif getattr(param, "is_flag", False):
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                words += [param.opts[0], str(v)]
+        elif value is not None:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words)
 
 
 @contextmanager
-def claim(out: Path, force: bool, html: Optional[Path] = None) -> Iterator[None]:
+def claim(
+    out: Path, force: bool, html: Optional[Path] = None, offline: bool = False
+) -> Iterator[None]:
     """Check --out (a directory, or a .html page) and --html before any work, and hold their
     locks until the command has written them: a second process writing the same path is
-    refused, and a bad path fails now, not after a long run."""
+    refused, and a bad path fails now, not after a long run. A page written without
+    `offline` also needs the shared plotly.js beside it (or room for it)."""
     from behemoth_interp._io import check_output, output_lock
 
     paths = [("--out", out), *([("--html", html)] if html is not None else [])]
@@ -313,6 +363,8 @@ def claim(out: Path, force: bool, html: Optional[Path] = None) -> Iterator[None]
             check = partial(check_output, path, overwrite=force, directory=not page, what=option,
                             **({"replaceable": is_report} if page else {}))  # fmt: skip
             check()  # before the lock, which creates the parent directories
+            if page and not offline:
+                check_plotly_js(path)
             stack.enter_context(output_lock(path))
             check()  # and again under it: another writer may have finished meanwhile
         yield
@@ -328,20 +380,23 @@ def parse_ints(text: str, option: str) -> list[int]:
         ) from None
 
 
-def write_result(result, out: Path, html: Optional[Path], force: bool) -> None:
-    """An analysis result to `out`: its plot if `out` ends in .html, else the saved result
-    (and then the plot to `html`, if given)."""
+def write_result(
+    result, out: Path, html: Optional[Path], force: bool, page: Callable[[], Page], offline: bool
+) -> None:
+    """An analysis result to `out`: its report `page()` if `out` ends in .html, else the saved
+    result (and then the page to `html`, if given)."""
     if out.suffix == ".html":
         html = out
     else:
         result.save(out, overwrite=force)
     if html is not None:
-        write_html(result.plot(), html)
+        page().write(html, offline=offline)
     typer.echo(f"wrote {result!r} to {out}")
 
 
 @app.command("trace")
 def trace_cmd(
+    ctx: typer.Context,
     model_dir: Path = typer.Argument(..., help="A checkpoint directory."),
     out: Path = typer.Option(
         ..., "--out", help="A .html file for the heatmap report, or a directory for the result."
@@ -370,14 +425,21 @@ def trace_cmd(
         -1, help="Object token the metric reads (-1: last, 0: first)."
     ),
     seed: int = typer.Option(0, help="Seed of the tuple sample, partners and noise."),
-    html: Optional[Path] = typer.Option(None, help="Also write the heatmap as an HTML file."),
+    attribution: bool = typer.Option(
+        False, "--attribution", help="Also estimate by attribution patching; the page compares."
+    ),
+    html: Optional[Path] = typer.Option(None, help="Also write the report page to this file."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
 ) -> None:
     """Causal tracing of a checkpoint's facts: restoration scores per site, layer and position."""
     from behemoth_interp.model import load_model
+    from behemoth_interp.report import trace_page
     from behemoth_interp.trace import sample_tuples, trace
 
-    with claim(out, force, html):
+    if attribution and method != "exact":
+        raise InvalidArgument("--attribution compares with the exact trace: leave out --method")
+    with claim(out, force, html, offline):
         model = load_model(model_dir)
         chosen = parse_ints(relations, "--relation") if relations else None
         tuples = sample_tuples(
@@ -389,13 +451,21 @@ def trace_cmd(
         result = trace(model, tuples, sites=tuple(s.strip() for s in sites.split(",")), positions=tuple(pos),
                        corruption=corruption, metric=metric, method=method, object_token=object_token,  # type: ignore[arg-type]
                        seed=seed)  # fmt: skip
-        write_result(result, out, html, force)
+
+        def page() -> Page:
+            facts = model.world.facts(sorted(set(tuples[:, 1].tolist())))
+            acc = evaluate_facts(model, model.world, model.world_tokenizer, facts)
+            estimates = [attribution_of(model, tuples, result)] if attribution else []
+            return trace_page(result, attribution=estimates, accuracy=acc, run=run_info(ctx, model))
+
+        write_result(result, out, html, force, page, offline)
         typer.echo("top 10 by mean score:")
         typer.echo(result.top(10).to_string(index=False))
 
 
 @app.command("edit")
 def edit_cmd(
+    ctx: typer.Context,
     model_dir: Path = typer.Argument(..., help="A checkpoint directory."),
     out: Path = typer.Option(..., "--out", help="Directory for the edited checkpoint."),
     task: str = typer.Option("single", help="single, ten_same, ten_different or forget."),
@@ -431,11 +501,13 @@ def edit_cmd(
     max_remaining: Optional[int] = typer.Option(
         None, help="Score remaining accuracy on this many tuples (default: all)."
     ),
-    html: Optional[Path] = typer.Option(None, help="Also write the report's plot as HTML."),
+    html: Optional[Path] = typer.Option(None, help="Also write the report page to this file."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
 ) -> None:
     """Edit a checkpoint with one of the paper's tasks; save the edited checkpoint and report."""
     from behemoth_interp.edit import EditDataConfig, EditTask, edit
+    from behemoth_interp.report import edit_page
 
     if rome_position is not None and method != "rome":
         raise InvalidArgument(f"--rome-position is for --method rome, not {method}: leave it out")
@@ -444,7 +516,7 @@ def edit_cmd(
     options = {k: v for k, v in given.items() if v is not None} | parse_settings(option)
     if forget_fraction is not None:
         options["data"] = EditDataConfig(forget_fraction=forget_fraction)
-    with claim(out, force, html):
+    with claim(out, force, html, offline):
         hf, world, _ = load_hf(model_dir)
         drawn = EditTask.draw(world, task, seed=seed, relation=relation, n=n, correct=hf)
         chosen = parse_ints(blocks, "--blocks") if blocks else None
@@ -452,7 +524,8 @@ def edit_cmd(
                       objective=objective, seed=seed, max_remaining=max_remaining, **options)  # fmt: skip
         result.save(out, overwrite=force)
         if html is not None:
-            write_html(result.report.plot(), html)
+            info = run_info(ctx, checkpoint=model_dir, world=world)
+            edit_page(result.report, run=info, task=repr(drawn)).write(html, offline=offline)
         typer.echo(f"{drawn!r} by {method}: wrote the edited checkpoint to {out}")
         typer.echo(result.report.to_dataframe()[["metric", "value"]].to_string(index=False))
 
@@ -474,6 +547,7 @@ def parse_settings(items: list[str]) -> dict[str, object]:
 
 @app.command("restore")
 def restore_cmd(
+    ctx: typer.Context,
     vanilla_dir: Path = typer.Argument(..., help="The vanilla checkpoint directory."),
     edited_dir: Optional[Path] = typer.Argument(
         None, help="The edited checkpoint (same format); leave out to edit with --task."
@@ -502,38 +576,43 @@ def restore_cmd(
     steps: Optional[int] = typer.Option(None, "--edit-steps", help="Edit steps (overrides)."),
     lr: Optional[float] = typer.Option(None, "--edit-lr", help="Edit learning rate."),
     seed: int = typer.Option(0, help="Seed of the edit task, the edit and the prompt sample."),
-    html: Optional[Path] = typer.Option(None, help="Also write the plot as an HTML file."),
+    html: Optional[Path] = typer.Option(None, help="Also write the report page to this file."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
 ) -> None:
     """Knowledge Recovery Scores: restore the vanilla model's MLP coefficients, value vectors
     and attention outputs into an edited model, window by window (Dissecting, Figure 1)."""
     from behemoth_interp.edit import EditDataConfig, EditTask, edit
     from behemoth_interp.model import hooked_in_world, load_model
+    from behemoth_interp.report import restore_page
     from behemoth_interp.restore import restore
 
     if (edited_dir is None) == (task is None):
         raise InvalidArgument(
             "give the edited checkpoint EDITED_DIR or an edit to make with --task"
         )
-    with claim(out, force, html):
+    with claim(out, force, html, offline):
         hf, world, _ = load_hf(vanilla_dir)
         vanilla = hooked_in_world(hf, world)
         if task is None:
             edited = load_model(edited_dir)
             prompts = world.facts(relation)
+            made = f"The edited model is the checkpoint {edited_dir}."
         else:
             drawn = EditTask.draw(world, task, seed=seed, relation=relation, correct=hf)
             result = edit(hf, drawn, objective=objective, epochs=epochs, steps=steps, seed=seed,
                           data=EditDataConfig(forget_fraction=forget_fraction), hooked=True,
                           max_remaining=2000, **({} if lr is None else {"lr": lr}))  # fmt: skip
             r = result.report
-            typer.echo(f"edit {drawn!r}: forget rate {r.forget_rate:.3f}, success {r.success_top1:.3f}"
-                       f", remaining {r.remaining:.3f} (before {r.remaining_before:.3f})")  # fmt: skip
+            made = (f"edit {drawn!r}: forget rate {r.forget_rate:.3f}, success {r.success_top1:.3f}"
+                    f", remaining {r.remaining:.3f} (before {r.remaining_before:.3f})")  # fmt: skip
+            typer.echo(made)
             edited, prompts = result.hooked, drawn
         krs = restore(vanilla, edited, prompts, settings=tuple(settings.split(",")),
                       windows=tuple(parse_ints(windows, "--windows")), n_tokens=tokens,
                       n_prompts=n, seed=seed)  # fmt: skip
-        write_result(krs, out, html, force)
+        info = run_info(ctx, checkpoint=vanilla_dir, world=world)
+        write_result(krs, out, html, force, lambda: restore_page(krs, run=info, edit=made), offline)
         table = krs.to_dataframe().pivot_table(index=["window", "setting"], columns="layer",
                                                values="krs", sort=False)  # fmt: skip
         typer.echo("KRS (eq. 3 on losses averaged over prompts) per window centre (layer):")
@@ -542,6 +621,7 @@ def restore_cmd(
 
 @app.command("probe")
 def probe_cmd(
+    ctx: typer.Context,
     model_dir: Path = typer.Argument(..., help="A checkpoint directory."),
     out: Path = typer.Option(
         ..., "--out", help="A .html file for the accuracy plot, or a directory for the probes."
@@ -559,28 +639,34 @@ def probe_cmd(
     multiclass: str = typer.Option("multinomial", help="multinomial, or ovr (one-vs-rest)."),
     test_size: float = typer.Option(0.25, help="Share of each class's subjects held out."),
     seed: int = typer.Option(0, help="Seed of the train/test split."),
-    html: Optional[Path] = typer.Option(None, help="Also write the accuracy plot as HTML."),
+    html: Optional[Path] = typer.Option(None, help="Also write the report page to this file."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out directory."),
 ) -> None:
     """Linear probes for a relation's objects at every layer, and the FLU localization."""
     from behemoth_interp.model import load_model
     from behemoth_interp.probe import flu_layers, probe
+    from behemoth_interp.report import probe_page
 
-    with claim(out, force, html):
+    with claim(out, force, html, offline):
         model = load_model(model_dir)
         pos = int(position) if position.lstrip("-").isdigit() else position
         result = probe(model, relation, sites=tuple(s.strip() for s in sites.split(",")),
                        position=pos, object_token=object_token, multiclass=multiclass,  # type: ignore[arg-type]
                        test_size=test_size, seed=seed)  # fmt: skip
-        write_result(result, out, html, force)
+        flu = None
+        if "resid" in result.sites:
+            try:
+                flu = f"FLU localization: blocks {list(flu_layers(result))}"
+            except ValueError as err:
+                flu = f"no FLU localization: {err}"
+        page = partial(probe_page, result, run=run_info(ctx, model), flu=flu)
+        write_result(result, out, html, force, page, offline)
         table = result.to_dataframe().pivot(index="layer", columns="site", values="accuracy")
         typer.echo("held-out accuracy per layer:")
         typer.echo(table.round(3).to_string())
-        if "resid" in result.sites:
-            try:
-                typer.echo(f"FLU localization: blocks {list(flu_layers(result))}")
-            except ValueError as err:
-                typer.echo(f"no FLU localization: {err}")
+        if flu is not None:
+            typer.echo(flu)
 
 
 @app.command("sweep")
@@ -610,18 +696,20 @@ def sweep_cmd(
 
 @app.command("report")
 def report_cmd(
+    ctx: typer.Context,
     store: Path = typer.Argument(..., help="A sweep store written by `sweep`."),
     out: Path = typer.Option(..., "--out", help="The .html page to write."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace a report page written before."),
 ) -> None:
     """The paper's sweep figures of a store, on one HTML page."""
-    from behemoth_interp.sweep import SweepResult
+    from behemoth_interp.sweep import SweepResult, sweep_page
 
     if out.suffix != ".html":
         raise InvalidArgument(f"--out is an .html page, got {out}: e.g. --out report.html")
-    with claim(out, force):
+    with claim(out, force, offline=offline):
         result = SweepResult.load(store)
-        write_page(out, result.report_html())
+        sweep_page(result, run=run_info(ctx)).write(out, offline=offline)
     typer.echo(f"wrote {result!r} to {out}")
 
 

@@ -304,7 +304,7 @@ class TraceResult:
             fig.add_trace(heat, 1, col)
             fig.update_yaxes(autorange="reversed", row=1, col=col)
         cfg = self.config
-        what = f"{cfg.method} {cfg.corruption} trace, {cfg.metric} metric, {res._counted()}"
+        what = f"{cfg.method} {cfg.corruption} trace, {cfg.metric} metric, {res.counted()}"
         if relation is not None:
             what += f", relation {relation}"
         rows = max(len(trace.y) for trace in fig.data)
@@ -314,7 +314,7 @@ class TraceResult:
 
     plot = heatmap
 
-    def _counted(self) -> str:
+    def counted(self) -> str:
         """'n=24 tuples', or with exclusions 'n=21 of 24 tuples (3 excluded: clean − corrupted
         < 1)'."""
         n, k = len(self.tuples), self.n_excluded
@@ -353,7 +353,7 @@ class TraceResult:
         shapes = ", ".join(f"{k}{list(v.shape[1:])}" for k, v in self.scores.items())
         c = self.config
         what = f"{c.method} {c.corruption}/{c.metric}"
-        return f"TraceResult({self._counted()}, {what}: {shapes})"
+        return f"TraceResult({self.counted()}, {what}: {shapes})"
 
 
 # ---------------------------------------------------------------------------------- tuples

@@ -128,3 +128,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[str, Path]:
+    """`behemoth-interp demo --n 2` on the shipped model, once per session: (what it printed,
+    the report page it wrote). test_cli checks the command, test_report the page in a browser."""
+    from typer.testing import CliRunner
+
+    from behemoth_interp.cli import app
+
+    page = tmp_path_factory.mktemp("demo") / "trace.html"
+    result = CliRunner().invoke(app, ["demo", "--out", str(page), "--n", "2"])
+    assert result.exit_code == 0, result.output
+    return result.output, page

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from behemoth_interp import TEMPLATES, Corpus, World, WorldConfig, load_world
 from behemoth_interp.cli import app, main
+from behemoth_interp.report import plotly_js_name
 
 runner = CliRunner()
 SMALL_ARGS = ["--subjects", "20", "--relations", "3", "--objects", "9", "--block-len", "64"]
@@ -107,14 +108,15 @@ def test_existing_directory_and_missing_world_exit_2(tmp_path, monkeypatch, caps
     assert stderr.startswith("error: ") and "world.json is missing" in stderr
 
 
-def test_demo_on_the_shipped_model(tmp_path):
-    """`make demo`: accuracy of the shipped model, then tracing, with an HTML report."""
-    out = tmp_path / "trace.html"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--n", "4"])
-    assert result.exit_code == 0, result.output
-    assert "top1/r0" in result.output and "causal tracing of 4 tuples" in result.output
+def test_demo_on_the_shipped_model(demo_run):
+    """`make demo`: accuracy of the shipped model, then tracing of every relation, with the
+    report page (its plotly.js beside it)."""
+    output, out = demo_run
+    assert "top1/r5" in output and "causal tracing of 12 tuples" in output
     report = out.read_text()
-    assert "<html>" in report and "plotly" in report.lower() and "resid_pre" in report
+    assert "<html lang='en'>" in report and "resid_pre" in report and "Heads at" in report
+    assert "Fact accuracy per relation" in report and "Attribution patching" in report
+    assert (out.parent / plotly_js_name()).is_file() and len(report) < 500_000
 
 
 # ------------------------------------------------------------------ arguments mean what they say

@@ -9,13 +9,19 @@ read back as the paper's figures (Behemoth sections 4.6-4.10, 5, 6.2, appendix B
 - `local`, `ray_executor`: the in-process and the Ray executors;
 - `runner`: `run_sweep` (resumable) and `dry_run`;
 - `result`: `SweepResult` (DataFrame, best per cell, bootstrap intervals, figures);
-- `report`: the one-page HTML report;
+- `report`: the sweep's report page (built with `behemoth_interp.report.Page`);
 - `reproduce`: a paper's committed specs at one scale, run and reported in one directory.
 """
 
 from behemoth_interp.sweep.local import LocalExecutor
 from behemoth_interp.sweep.ray_executor import RayExecutor
-from behemoth_interp.sweep.report import report_html, reproduce_html, write_report
+from behemoth_interp.sweep.report import (
+    report_html,
+    reproduce_html,
+    reproduce_page,
+    sweep_page,
+    write_report,
+)
 from behemoth_interp.sweep.reproduce import PAPERS, Reproduction, paper_specs, reproduce
 from behemoth_interp.sweep.result import SweepResult, bootstrap_mean
 from behemoth_interp.sweep.runner import EXECUTORS, DryRun, SweepSummary, dry_run, run_sweep
@@ -28,6 +34,6 @@ __all__ = [
     "EXECUTORS", "PAPERS", "DryRun", "LocalExecutor", "MethodSpec", "Plan", "RayExecutor",
     "Reproduction", "Run", "Selection", "Store", "SweepResult", "SweepSpec", "SweepSummary",
     "TaskSpec", "Worker", "block_subsets", "bootstrap_mean", "dry_run", "expand", "paper_specs",
-    "report_html", "reproduce", "reproduce_html", "run_sweep",
+    "report_html", "reproduce", "reproduce_html", "reproduce_page", "run_sweep", "sweep_page",
     "weights_sha256", "write_report",
 ]  # fmt: skip

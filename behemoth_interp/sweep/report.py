@@ -1,4 +1,4 @@
-"""The sweep report: every figure a store can draw, per model, on one self-contained page."""
+"""The sweep report: every figure a store can draw, per model, on one report page."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import html
 from pathlib import Path
 
 from behemoth_interp.errors import BehemothError
+from behemoth_interp.report import Html, Page, RunInfo
 
 FIGURES = (
     ("figure_blocks", "Success and remaining accuracy against the number of tuned blocks "
@@ -18,75 +19,77 @@ FIGURES = (
     ("move_rank", "Move rank per block and matrix with every block tuned, and relative to it "
      "when fewer are (Figure 12)."),
 )  # fmt: skip
+ABOUT = (
+    "Each run of the store is one edit of one model (task, method, its settings, the blocks "
+    "and components tuned, a seed), scored over the world's exact ground truth. The figures "
+    "show the best run of each cell under the selection rule stated per store: success is the "
+    "share of edited tuples whose new object is top-1, remaining accuracy the top-1 accuracy "
+    "on the tuples the edit must not change.",
+)
+
+
+def sweep_page(result, *, run: RunInfo | None = None) -> Page:
+    """A `SweepResult` as a report page: counts of runs, failures, the selection rule, then
+    each figure of each model (a figure the store has no runs for is named and skipped)."""
+    page = Page(f"Sweep report: {result.source or 'records'}", run=run, about=ABOUT,
+                settings={"store": result.source or "(records)", **_selection(result)})  # fmt: skip
+    _sections(page, result, 2)
+    return page
+
+
+def reproduce_page(results: dict, title: str, *, run: RunInfo | None = None) -> Page:
+    """Several stores (spec name -> `SweepResult`) on one page, a section each."""
+    page = Page(title, run=run, about=ABOUT, settings={"stores": list(results)})
+    links = "".join(f"<li><a href='#{html.escape(n)}'>{html.escape(n)}</a></li>" for n in results)
+    page.add(Html(f"<ul>{links}</ul>"))
+    for name, result in results.items():
+        page.add(Html(f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>"))
+        _sections(page, result, 3)
+    return page
 
 
 def report_html(result) -> str:
-    """A `SweepResult` as one HTML page: counts of runs, failures, the selection rule, then
-    each figure of each model (a figure the store has no runs for is named and skipped)."""
-    title = f"Sweep report: {html.escape(result.source or 'records')}"
-    return _page([f"<h1>{title}</h1>", *_sections(result, 2, [True])])
+    """`sweep_page(result)` as HTML with plotly.js inline."""
+    return sweep_page(result).html()
 
 
 def reproduce_html(results: dict, title: str) -> str:
-    """Several stores (spec name -> `SweepResult`) on one page, a section each."""
-    parts = [f"<h1>{html.escape(title)}</h1>", "<ul>"]
-    parts += [f"<li><a href='#{html.escape(n)}'>{html.escape(n)}</a></li>" for n in results]
-    parts.append("</ul>")
-    first_js = [True]
-    for name, result in results.items():
-        parts.append(f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>")
-        parts += _sections(result, 3, first_js)
-    return _page(parts)
+    """`reproduce_page(results, title)` as HTML with plotly.js inline."""
+    return reproduce_page(results, title).html()
 
 
-def _sections(result, level: int, first_js: list[bool]) -> list[str]:
-    """The body of one store's report, its headings from `<h{level}>` down; plotly.js goes
-    inline into the first figure of the page (`first_js` is the page's flag)."""
-    h, h2 = f"h{level}", f"h{level + 1}"
+def _selection(result) -> dict[str, str]:
+    sel = result.selection
+    return {"selection": f"highest {sel.criterion}, then remaining accuracy, on {sel.data} "
+                         f"data, over {', '.join(sel.over)}, per {sel.per}"}  # fmt: skip
+
+
+def _sections(page: Page, result, level: int) -> None:
+    """The body of one store's report, its headings from `<h{level}>` down."""
     df = result.to_dataframe()
     if not len(df):
-        return ["<p>The store holds no runs yet.</p>"]
+        page.add("The store holds no runs yet.")
+        return
     counts = df.groupby(["task", "method", "status"]).size().unstack(fill_value=0)
-    sel = result.selection
-    parts = [
-        f"<p>{len(df)} runs: {int((df.status == 'ok').sum())} ok, "
-        f"{int((df.status == 'failed').sum())} failed. Best run per cell: highest "
-        f"{sel.criterion}, then remaining accuracy, on {sel.data} data, over "
-        f"{', '.join(sel.over)}, per {sel.per}.</p>",
-        counts.to_html(),
-    ]
+    page.add(f"{len(df)} runs: {int((df.status == 'ok').sum())} ok, "
+             f"{int((df.status == 'failed').sum())} failed. Best run per cell: "
+             f"{_selection(result)['selection']}.", counts)  # fmt: skip
     failed = df[df.status == "failed"]
     if len(failed):
-        parts.append(f"<{h}>Failed runs</{h}>")
-        parts.append(failed[["key", "task", "method", "blocks", "components", "seed",
-                             "error_type", "error"]].head(50).to_html(index=False))  # fmt: skip
+        page.section("Failed runs", failed[["key", "task", "method", "blocks", "components",
+                     "seed", "error_type", "error"]].head(50), level=level)  # fmt: skip
     for model in dict.fromkeys(df.model):
-        parts.append(f"<{h}>{html.escape(str(model))}</{h}>")
+        page.section(str(model), level=level)
         for name, caption in FIGURES:
             try:
                 fig = getattr(result, name)(model=model)
             except BehemothError as err:
-                parts.append(f"<p><em>{name}: not drawn ({html.escape(str(err))})</em></p>")
+                page.add(Html(f"<p><em>{name}: not drawn ({html.escape(str(err))})</em></p>"))
                 continue
-            parts.append(f"<{h2}>{name}</{h2}><p>{html.escape(caption)}</p>")
-            parts.append(fig.to_html(full_html=False,
-                                     include_plotlyjs="inline" if first_js[0] else False))  # fmt: skip
-            first_js[0] = False
-    return parts
+            page.section(name, caption, fig, level=level + 1)
 
 
-def _page(parts: list[str]) -> str:
-    body = "\n".join(parts)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Sweep report</title>"
-            f"<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}"
-            f"td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>\n{body}\n"
-            f"</body></html>\n")  # fmt: skip
-
-
-def write_report(result, path: str | Path) -> Path:
-    """Write `report_html(result)` to `path` atomically, marked as ours."""
-    from behemoth_interp._io import write_page
-
-    path = Path(path)
-    write_page(path, report_html(result))
-    return path
+def write_report(result, path: str | Path, *, offline: bool = False) -> Path:
+    """Write `sweep_page(result)` to `path` atomically, marked as ours (plotly.js beside it,
+    or inline with `offline`)."""
+    return sweep_page(result).write(path, offline=offline)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from behemoth_interp._io import output_lock, read_json, write_json, write_page
+from behemoth_interp._io import output_lock, read_json, write_json
 from behemoth_interp.errors import InvalidArgument, MissingInput, OutputExists
-from behemoth_interp.sweep.report import reproduce_html
+from behemoth_interp.sweep.report import reproduce_page
 from behemoth_interp.sweep.result import SweepResult
 from behemoth_interp.sweep.runner import SweepSummary, run_sweep
 from behemoth_interp.sweep.spec import SweepSpec
@@ -104,7 +104,8 @@ def reproduce(
         results = {name: SweepResult.load(out / name) for name in summaries}
         page = out / "report.html"
         title = f"{paper} at {scale} scale"
-        write_page(page, reproduce_html(results, title))
+        # one shareable page per directory: plotly.js inline, no script file beside it
+        reproduce_page(results, title).write(page, offline=True)
     return Reproduction(paper, scale, out, summaries, page)
 
 
