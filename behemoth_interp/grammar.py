@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from behemoth_interp.errors import InvalidArgument
+from behemoth_interp.errors import InvalidArgument, is_int
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import N_FILLERS, World
 
@@ -99,11 +99,7 @@ AUGMENT_PARAPHRASES = (
 def augment_templates(k: int) -> tuple[str, ...]:
     """The first `k` of `AUGMENT_PARAPHRASES`: the paraphrases a k-paraphrase-augmented edit
     states its facts in, besides its own templates (Retention paper, section 5.1)."""
-    if (
-        isinstance(k, bool)
-        or not isinstance(k, int | np.integer)
-        or not 0 <= k <= len(AUGMENT_PARAPHRASES)
-    ):
+    if not is_int(k) or not 0 <= k <= len(AUGMENT_PARAPHRASES):
         raise InvalidArgument(
             f"paraphrases must be an integer from 0 to {len(AUGMENT_PARAPHRASES)} (the grammar's "
             f"augmentation paraphrases), got {k!r}"

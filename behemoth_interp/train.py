@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from behemoth_interp._io import (
@@ -43,6 +43,7 @@ from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import OBJECT, PAD_ROLE
 from behemoth_interp.model import (
     build_model,
+    file_sha256,
     get_preset,
     is_checkpoint,
     load_hf,
@@ -359,8 +360,7 @@ def _train(world_dir, out: Path, config: TrainConfig, *, device: str, resume: bo
     while step < total:
         tokens, roles = batches.batch(step)
         x = torch.as_tensor(tokens.astype(np.int64), device=dev)
-        role = torch.as_tensor(roles[:, 1:], device=dev)
-        mask = role == OBJECT if config.loss_on == "object" else role != PAD_ROLE
+        mask = _loss_mask(roles, config.loss_on, dev)
         for group in opt.param_groups:
             group["lr"] = config.lr_at(step, total)
         with autocast:
@@ -424,7 +424,7 @@ def _save(out: Path, model, opt, world, log: dict, with_state: bool) -> None:
 
     def fill(tmp: Path) -> None:
         write_checkpoint(tmp, model, world)
-        log["weights_sha256"] = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
+        log["weights_sha256"] = file_sha256(tmp / "model.safetensors")
         if with_state:
             torch.save({"step": step, "optimizer": opt.state_dict()}, tmp / TRAIN_STATE)
         write_json(tmp / TRAIN_LOG, log)
@@ -485,8 +485,10 @@ def _initial_model(path: str, world: World, tokenizer: WorldTokenizer, corpus: C
             f"than the corpus's blocks of {corpus.config.block_len}: build the world with "
             f"--block-len {model.config.max_position_embeddings} or less"
         )
-    sha = hashlib.sha256((Path(path) / "model.safetensors").read_bytes()).hexdigest()
-    return model, {"path": str(path), "weights_sha256": sha}
+    return model, {
+        "path": str(path),
+        "weights_sha256": file_sha256(Path(path) / "model.safetensors"),
+    }
 
 
 def _trainable(model, config: TrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
@@ -530,12 +532,18 @@ def _validation_loss(model, blocks, loss_on: str, batch_size: int = 64) -> float
     total, count = 0.0, 0
     for i in range(0, len(tokens), batch_size):
         x = torch.as_tensor(tokens[i : i + batch_size].astype(np.int64), device=device)
-        role = torch.as_tensor(roles[i : i + batch_size, 1:], device=device)
-        mask = role == OBJECT if loss_on == "object" else role != PAD_ROLE
+        mask = _loss_mask(roles[i : i + batch_size], loss_on, device)
         logits = model(input_ids=x[:, :-1], use_cache=False).logits.float()
         total += F.cross_entropy(logits[mask], x[:, 1:][mask], reduction="sum").item()
         count += int(mask.sum())
     return total / max(count, 1)
+
+
+def _loss_mask(roles: np.ndarray, loss_on: str, device) -> Tensor:
+    """Which next-token targets x[:, 1:] of blocks with these `roles` carry the loss: the
+    object tokens ('object') or every non-pad token ('all')."""
+    role = torch.as_tensor(roles[:, 1:], device=device)
+    return role == OBJECT if loss_on == "object" else role != PAD_ROLE
 
 
 def _stop_reason(entry: dict[str, Any], config: TrainConfig) -> str | None:

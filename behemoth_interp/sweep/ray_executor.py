@@ -20,8 +20,8 @@ from behemoth_interp.sweep.worker import Worker, failed_record
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 """The workers' environment: nothing is ever downloaded (Ray sets OMP_NUM_THREADS to each
 actor's CPUs itself). An embedded cluster's workers inherit it from this process; on an existing
-cluster it travels as the actors' runtime environment, which costs each worker its own process
-start (about 2 s here), so the embedded case does without."""
+cluster it travels as the actors' runtime environment, with which Ray starts a fresh process for
+each worker instead of one it has ready, so the embedded case does without."""
 
 
 class RayExecutor:
