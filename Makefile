@@ -38,13 +38,13 @@ test: $(BIN)/.installed
 	$(BIN)/pytest -q
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check behemoth_interp tests benchmarks
-	$(BIN)/ruff format --check behemoth_interp tests benchmarks
+	$(BIN)/ruff check behemoth_interp tests benchmarks experiments docs/hooks
+	$(BIN)/ruff format --check behemoth_interp tests benchmarks experiments docs/hooks
 
-# the docs site in site/, its tutorials executed on the shipped models (the test suite builds it
-# without executing them: CI runs the notebooks as tests already)
+# the docs site in site/, its tutorials executed on the shipped models (tests/test_docs.py builds
+# it the same way and opens a tutorial in headless Chromium)
 docs: $(BIN)/.installed
-	DOCS_EXECUTE=true $(BIN)/mkdocs build --strict --site-dir site
+	$(BIN)/mkdocs build --strict --site-dir site
 
 bench: $(BIN)/.installed
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

@@ -85,6 +85,7 @@ from behemoth_interp.report import (
     RunInfo,
     edit_page,
     probe_page,
+    report_page,
     restore_page,
     trace_page,
 )
@@ -135,6 +136,7 @@ __all__ = [
     "Page",
     "RunInfo",
     "edit_page",
+    "report_page",
     "probe_page",
     "restore_page",
     "trace_page",

@@ -142,9 +142,9 @@ class Browser:
         self.send("Target.closeTarget", {"targetId": tab.target})
         self._events = [e for e in self._events if e.get("sessionId") != tab.session]
 
-    def open(self, page: Path, *, width: int = 1280, height: int = 900) -> tuple[Loaded, Tab]:
-        """Load `page` in a new tab and wait until every plotly figure has drawn (or the
-        timeout); returns what it did and the tab, for `screenshot` and `close`."""
+    def open(self, page: Path | str, *, width: int = 1280, height: int = 900) -> tuple[Loaded, Tab]:
+        """Load `page` (a file, or a URL) in a new tab and wait until every plotly figure has
+        drawn (or the timeout); returns what it did and the tab, for `screenshot` and `close`."""
         tab = self.new_tab()
         session = tab.session
         for domain in ("Page", "Runtime", "Log", "Network"):
@@ -152,9 +152,9 @@ class Browser:
         self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
                   "deviceScaleFactor": 1, "mobile": False}, session)  # fmt: skip
         self._events = [e for e in self._events if e.get("sessionId") != session]
-        self.send("Page.navigate", {"url": page.resolve().as_uri()}, session)
+        url = page if isinstance(page, str) else page.resolve().as_uri()
+        self.send("Page.navigate", {"url": url}, session)
         self.wait_for("Page.loadEventFired", session)
-        loaded = Loaded()
         deadline = time.monotonic() + self.timeout
         while True:
             figures = self.evaluate(FIGURES_JS, session)
@@ -164,8 +164,18 @@ class Browser:
                 break
             time.sleep(0.2)
         time.sleep(0.3)  # a late error (an animation frame, a resize) still gets reported
-        self.evaluate("1", session)  # drain the events that arrived meanwhile
+        loaded = self._drain(session)
         loaded.figures = figures
+        return loaded, tab
+
+    def errors(self, tab: Tab) -> list[str]:
+        """The errors `tab` reported since it was opened or last asked (after a click, say)."""
+        return self._drain(tab.session).errors
+
+    def _drain(self, session: str) -> Loaded:
+        """What `session` reported and was not read yet: its errors and requests."""
+        self.evaluate("1", session)  # the events that arrived meanwhile come before its reply
+        loaded = Loaded()
         for e in self._events:
             if e.get("sessionId") != session:
                 continue
@@ -183,7 +193,7 @@ class Browser:
             elif e["method"] == "Network.loadingFailed":
                 loaded.errors.append(f"failed to load: {p.get('errorText')}")
         self._events = [e for e in self._events if e.get("sessionId") != session]
-        return loaded, tab
+        return loaded
 
     def evaluate(self, expression: str, session: str):
         out = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
@@ -191,6 +201,22 @@ class Browser:
         if "exceptionDetails" in out:
             raise RuntimeError(f"evaluating in the page failed: {out['exceptionDetails']}")
         return out["result"].get("value")
+
+    def click(self, tab: Tab, selector: str) -> None:
+        """A real left click (mouse events from the browser, not a script's) in the middle of
+        the first element matching `selector`, scrolled into view; raises if none is visible."""
+        box = self.evaluate(
+            f"""(() => {{ const e = document.querySelector({json.dumps(selector)});
+          if (!e) return null; e.scrollIntoView({{block: 'center'}});
+          const r = e.getBoundingClientRect();
+          return {{x: r.x + r.width / 2, y: r.y + r.height / 2, w: r.width}}; }})()""",
+            tab.session,
+        )
+        if not box or not box["w"]:
+            raise RuntimeError(f"nothing visible to click at {selector!r}")
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", {"type": kind, "x": box["x"], "y": box["y"],
+                      "button": "left", "clickCount": 1}, tab.session)  # fmt: skip
 
     def screenshot(self, tab: Tab, path: Path, *, max_height: int = 4000) -> dict:
         """The page (its top `max_height` pixels at most) as a PNG at `path`; returns its

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _browser import Browser, find_chromium  # tests/ is on the path
 
 from behemoth_interp import TEMPLATES, Corpus, CorpusConfig, World, WorldConfig, WorldTokenizer
 from behemoth_interp.corpus import build_world
@@ -142,3 +143,15 @@ def demo_run(tmp_path_factory) -> tuple[str, Path]:
     result = CliRunner().invoke(app, ["demo", "--out", str(page), "--n", "2"])
     assert result.exit_code == 0, result.output
     return result.output, page
+
+
+# ------------------------------------------------------------------ a real browser
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory) -> Browser:
+    """One headless Chromium for the session's page checks (skipped, saying why, without one)."""
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no chromium on PATH: `apt-get install -y chromium` (.ci/run installs it)")
+    b = Browser(executable, tmp_path_factory.mktemp("chromium-profile"))
+    yield b
+    b.quit()

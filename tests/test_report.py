@@ -4,13 +4,13 @@ report's content, and every command's page opened in headless Chromium."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
-from _browser import Browser, find_chromium  # tests/ is on the path
 from typer.testing import CliRunner
 
 import behemoth_interp as bi
@@ -131,7 +131,7 @@ def test_trace_page_content(micro_traces):
 
 
 def test_signed_maps_are_centred_on_zero(micro_traces):
-    from behemoth_interp.report import _site_figures
+    from behemoth_interp.report.trace import _site_figures
 
     _, exact, _, _ = micro_traces
     (fig,) = _site_figures(exact, "resid_pre")
@@ -144,20 +144,10 @@ def test_signed_maps_are_centred_on_zero(micro_traces):
     assert list(fig.data[0].x) == list(exact.positions) and fig.data[0].y[0] == "L0"
     assert "n=6 tuples" in fig.layout.title.text and "IOI" in fig.layout.title.text
     assert [b.label for b in fig.layout.updatemenus[0].buttons] == ["all relations", "r0", "r1"]
-    assert fig.layout.updatemenus[0].buttons[1].args[1]["title"].endswith("— r0, n=3 tuples")
+    assert fig.layout.updatemenus[0].buttons[1].args[1]["title.text"].endswith("— r0, n=3 tuples")
 
 
 # ---------------------------------------------------------------------------------- in a browser
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip("no chromium on PATH: `apt-get install -y chromium` (.ci/run installs it)")
-    b = Browser(executable, tmp_path_factory.mktemp("chromium-profile"))
-    yield b
-    b.quit()
-
-
 def _commands(micro_checkpoint, sweep_store, out):
     m = str(micro_checkpoint)
     return {
@@ -220,6 +210,40 @@ def test_report_draws_in_chromium(browser, pages, command, tmp_path):
         browser.close(tab)
     assert shot.stat().st_size > 10_000 and pixels["width"] >= 1000
     assert pixels["ink"] > 0.02 and pixels["colours"] > 50, pixels
+
+
+SELECTOR_STATE_JS = """(() => { const gd = document.getElementById(%s);
+  const title = gd.querySelector('.gtitle'), image = gd.querySelector('.heatmaplayer image');
+  return {title: gd.layout.title.text, drawn: title ? title.textContent : '',
+          visible: gd.data.map(t => t.visible),
+          image: image ? (image.getAttribute('href') || '').length : 0}; })()"""
+
+
+def test_the_relation_selector_shows_that_relations_map(browser, pages):
+    """Clicking a relation in a heatmap's selector (real mouse events) shows that relation's
+    map, alone, under its title; the colour scale stays the one shared by every choice."""
+    loaded, tab = browser.open(pages["trace"])
+    try:
+        assert loaded.errors == []
+        gd = browser.evaluate("document.querySelector('.updatemenu-header')"
+                              ".closest('.plotly-graph-div').id", tab.session)  # fmt: skip
+        state = SELECTOR_STATE_JS % repr(gd)
+        before = browser.evaluate(state, tab.session)
+        assert before["visible"] == [True, False, False] and "all relations" in before["drawn"]
+        browser.click(tab, f"#{gd} .updatemenu-header")
+        browser.click(tab, f"#{gd} .updatemenu-dropdown-button:nth-of-type(3)")
+        for _ in range(50):  # the restyle is asynchronous
+            after = browser.evaluate(state, tab.session)
+            if after["visible"] != before["visible"] and after["drawn"] and after["image"]:
+                break
+            time.sleep(0.1)
+        errors = browser.errors(tab)
+    finally:
+        browser.close(tab)
+    assert errors == []
+    assert after["visible"] == [False, False, True]
+    assert after["title"].split(" — ")[1].startswith("r1,") and "r1," in after["drawn"]
+    assert after["image"] > 100  # r1's map drew
 
 
 def test_command_line_in_the_header(pages):

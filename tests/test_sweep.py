@@ -319,6 +319,15 @@ def test_sweep_result_figures_and_report(micro_checkpoint, local_store, tmp_path
     assert text.startswith(REPORT_MARK) and text.count("<h3>") == 5
 
 
+def test_move_rank_needs_the_run_that_tunes_every_block(local_store):
+    """Its figure is relative to the all-blocks run: without one it says so, not an empty plot."""
+    result = SweepResult.load(local_store)
+    partial = SweepResult([r for r in result.records if r["run"]["method"]["blocks"] != [0, 1]])
+    assert len(partial.to_dataframe()) == 3
+    with pytest.raises(InvalidArgument, match="tunes every block"):
+        partial.move_rank()
+
+
 def test_bootstrap_mean():
     assert bootstrap_mean([0.5]) == (0.5, 0.5, 0.5)
     assert bootstrap_mean([1.0, 1.0, 1.0]) == (1.0, 1.0, 1.0)

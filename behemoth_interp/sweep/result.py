@@ -285,6 +285,11 @@ class SweepResult:
                                   "n_blocks", "n_layers"]], on="key")  # fmt: skip
         ranks = ranks[[b in blocks for b, blocks in zip(ranks.block, ranks.blocks)]]
         full = ranks[ranks.n_blocks == ranks.n_layers]
+        if not len(full):
+            raise InvalidArgument(
+                "the move-rank figure compares each run with the one that tunes every block, "
+                "and no run here does: add all the model's blocks to the spec's blocks"
+            )
         tasks = _tasks(best)
         fig = make_subplots(rows=2, cols=len(tasks), subplot_titles=tasks, vertical_spacing=0.15)
         matrices = list(dict.fromkeys(ranks.matrix))
