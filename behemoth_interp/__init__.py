@@ -87,9 +87,21 @@ from behemoth_interp.report import (
     probe_page,
     report_page,
     restore_page,
+    retention_page,
     trace_page,
 )
 from behemoth_interp.restore import KRSResult, RestoreConfig, restore, window_layers
+from behemoth_interp.retention import (
+    DOWNSTREAM_TASKS,
+    Downstream,
+    DownstreamConfig,
+    RetentionResult,
+    RetentionSet,
+    downstream,
+    load_retention,
+    retention,
+    retention_set,
+)
 from behemoth_interp.sweep import SweepResult, SweepSpec, dry_run, reproduce, run_sweep
 from behemoth_interp.tokenizer import OutOfVocabularyError, WorldTokenizer
 from behemoth_interp.trace import TraceConfig, TraceResult, find_partners, sample_tuples, trace
@@ -137,6 +149,16 @@ __all__ = [
     "RunInfo",
     "edit_page",
     "report_page",
+    "retention_page",
+    "DOWNSTREAM_TASKS",
+    "Downstream",
+    "DownstreamConfig",
+    "RetentionResult",
+    "RetentionSet",
+    "downstream",
+    "load_retention",
+    "retention",
+    "retention_set",
     "probe_page",
     "restore_page",
     "trace_page",

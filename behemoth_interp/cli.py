@@ -545,6 +545,63 @@ def parse_settings(items: list[str]) -> dict[str, object]:
     return out
 
 
+@app.command("retention")
+def retention_cmd(
+    ctx: typer.Context,
+    edited_dir: Path = typer.Argument(
+        ..., help="An edited checkpoint (`edit --out`), which records its task."
+    ),
+    out: Path = typer.Option(..., "--out", help="Directory for the run and its result."),
+    downstream: str = typer.Option(
+        "general", help="Downstream task: general, new_facts, classification or instruction."
+    ),
+    subjects: float = typer.Option(1.0, help="Share of the eligible subjects the task uses."),
+    copies: int = typer.Option(4, help="Times each downstream fact is stated."),
+    disjoint: str = typer.Option(
+        "tokens",
+        help="Keep out every object sharing a token with the edit's (tokens) or only "
+        "those objects (objects: edits of many tuples).",
+    ),
+    per_edit: int = typer.Option(2, help="Intrinsic facts matched to each edited one."),
+    min_margin: float = typer.Option(0.1, help="Least confidence margin of a measured fact."),
+    lr: float = typer.Option(2e-4, help="Fine-tuning learning rate."),
+    steps: int = typer.Option(2000, help="Most fine-tuning steps (the task's accuracy stops it)."),
+    eval_every: int = typer.Option(20, help="Steps between retention measurements."),
+    freeze: str = typer.Option("", help="Blocks that never change (as `train --freeze`)."),
+    seed: int = typer.Option(0, help="Seed of the downstream data, the sets and the fine-tune."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
+    html: Optional[Path] = typer.Option(None, help="Also write the report page to this file."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace a retention run in --out."),
+) -> None:
+    """Fine-tune an edited checkpoint on a downstream task that never names the edit, and
+    measure how much of the edited and of matched intrinsic knowledge is retained (Wen & Zhang)."""
+    from behemoth_interp.report import retention_page
+    from behemoth_interp.retention import DownstreamConfig, retention
+
+    if resume and force:
+        raise InvalidArgument(
+            "--resume continues the run in --out and --force replaces it: pick one"
+        )
+    config = DownstreamConfig(downstream, subjects=subjects, copies=copies, disjoint=disjoint,  # type: ignore[arg-type]
+                              seed=seed)  # fmt: skip
+    base = TrainConfig(lr=lr, steps=steps, epochs=None, eval_every=eval_every, seed=seed,
+                       save_optimizer=False, **parse_freeze(freeze))  # fmt: skip
+    with claim(out, force or resume, html, offline):
+        result = retention(edited_dir, out=out, config=config, train_config=base,
+                           per_edit=per_edit, min_margin=min_margin, seed=seed, device=device,
+                           overwrite=force, resume=resume)  # fmt: skip
+        if html is not None:
+            info = run_info(ctx, checkpoint=edited_dir, world=result.facts.world)
+            retention_page(result, run=info).write(html, offline=offline)
+        s = result.summary()
+        typer.echo(f"wrote {out}: {s['steps']} steps"
+                   + ("" if s["stopped"] is None else f" (stopped: {s['stopped']})"))  # fmt: skip
+        typer.echo(f"retention: edited {s['edited_retention']:.3f} (n={s['n_edited']}), "
+                   f"intrinsic {s['intrinsic_retention']:.3f} (n={s['n_intrinsic']})")  # fmt: skip
+
+
 @app.command("restore")
 def restore_cmd(
     ctx: typer.Context,

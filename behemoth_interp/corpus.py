@@ -108,8 +108,10 @@ class Corpus:
         return int(self.sentences.column("length").to_numpy().sum()) + self.n_blocks
 
     @classmethod
-    def build(cls, world: World, tokenizer: WorldTokenizer, config: CorpusConfig) -> Corpus:
-        """Render, shuffle and pack every tuple of `world` `config.copies` times."""
+    def build(cls, world: World, tokenizer: WorldTokenizer, config: CorpusConfig,
+              facts: np.ndarray | None = None) -> Corpus:  # fmt: skip
+        """Render, shuffle and pack every tuple of `world` (or the tuples `facts` [n, 3] of it:
+        a downstream corpus states a part of its world) `config.copies` times."""
         most = max(len(world.candidate_objects(r)) for r in range(world.n_relations))
         asks = any(get_template(name).is_choice and w > 0 for name, w in config.grammar_mix)
         if asks and most >= 2 and config.n_choices > most:
@@ -118,7 +120,8 @@ class Corpus:
                 f"world has objects: choose 2..{most}"
             )
         rng = np.random.default_rng(config.seed)
-        facts = np.tile(world.facts(), (config.copies, 1))
+        facts = world.facts() if facts is None else _world_facts(world, facts)
+        facts = np.tile(facts, (config.copies, 1))
         names, weights = zip(*config.grammar_mix)
         p = np.asarray(weights) / sum(weights)
         template = np.asarray(names, dtype=object)[rng.choice(len(names), size=len(facts), p=p)]
@@ -143,6 +146,14 @@ class Corpus:
             }
         )
         return cls(config, tokens, roles, table)
+
+    def facts(self) -> np.ndarray:
+        """The distinct tuples the corpus states [n, 3], relation-major as `World.facts` (for a
+        corpus of every tuple of a world, equal to its `facts()`)."""
+        t = self.sentences
+        f = np.unique(np.stack([t.column(c).to_numpy() for c in ("subject", "relation", "object")],
+                               axis=1), axis=0)  # fmt: skip
+        return f[np.lexsort((f[:, 0], f[:, 1]))].astype(np.int32)
 
     def sentence_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every sentence's tokens and roles [n, max_len] (right-padded) and lengths [n]."""
@@ -232,6 +243,20 @@ class Corpus:
         )
 
 
+def _world_facts(world: World, facts: np.ndarray) -> np.ndarray:
+    """`facts` [n, 3] as int32, checked to be tuples of `world` (each once)."""
+    facts = np.asarray(facts, dtype=np.int64).reshape(-1, 3)
+    if not len(facts):
+        raise InvalidArgument("a corpus needs at least one tuple: facts is empty")
+    wrong = np.flatnonzero(world.objects_of(facts[:, 0], facts[:, 1]) != facts[:, 2])
+    if len(wrong):
+        raise InvalidArgument(f"tuple {tuple(facts[wrong[0]].tolist())} is not in the corpus's "
+                              "world: build the world with its objects (World.with_objects)")  # fmt: skip
+    if len(np.unique(facts[:, :2], axis=0)) != len(facts):
+        raise InvalidArgument("a (subject, relation) pair is given twice: give each tuple once")
+    return facts.astype(np.int32)
+
+
 def _token_dtype(tokenizer: WorldTokenizer) -> type:
     return np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
 
@@ -296,12 +321,13 @@ def build_world(
 
 
 def write_world(
-    world: World, corpus: CorpusConfig, out: str | Path, *, overwrite: bool = False
-) -> tuple[World, WorldTokenizer, Corpus]:
+    world: World, corpus: CorpusConfig, out: str | Path, *, overwrite: bool = False,
+    facts: np.ndarray | None = None,
+) -> tuple[World, WorldTokenizer, Corpus]:  # fmt: skip
     """Write `world` (generated or changed, e.g. an oracle's), its tokenizer and its corpus
-    into `out`, atomically."""
+    (of every tuple, or of `facts`) into `out`, atomically."""
     tokenizer = WorldTokenizer(world.config)
-    packed = Corpus.build(world, tokenizer, corpus)
+    packed = Corpus.build(world, tokenizer, corpus, facts)
 
     def fill(tmp: Path) -> None:
         world.write_into(tmp)

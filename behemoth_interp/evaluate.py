@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformers import DynamicCache, GPTNeoXForCausalLM
 
@@ -30,12 +30,18 @@ class FactAccuracy:
     """Per-tuple results: `facts` [n, 3] and `rank` [n] (worst rank of the true object tokens).
 
     `rank == 0` means every object token was the argmax (top-1 correct); rank < k is top-k.
+    `evaluate_facts` also gives `logp` [n], the log-probability of the whole object
+    (teacher-forced, summed over its tokens), and `margin` [n], the least over the object's
+    tokens of p(true token) - p(best other token): positive exactly when top-1 correct, the
+    confidence margin the retention paper filters facts by (its section B, on the first token).
     """
 
     world: World
     facts: np.ndarray
     rank: np.ndarray
     template: str
+    logp: np.ndarray | None = None
+    margin: np.ndarray | None = None
 
     def top(self, k: int = 1) -> np.ndarray:
         """Boolean [n]: every object token of the tuple is within the top k."""
@@ -169,6 +175,7 @@ def evaluate_facts(
     inputs = np.concatenate([np.full((len(facts), 1), tokenizer.eot_id), sent.tokens[:, :width]], 1)
     device = model_device(model)
     ranks = np.empty(len(facts), dtype=np.int64)
+    logp, margin = np.empty(len(facts)), np.empty(len(facts))
     for rows, logits in _logits_in_batches(model, inputs, batch_size):
         broken = ~torch.isfinite(logits).flatten(1).all(1)
         if broken.any():
@@ -192,7 +199,22 @@ def evaluate_facts(
             (obj[rows, 1] - obj[rows, 0])[:, None] > np.arange(k)[None, :], device=device
         )
         ranks[rows] = torch.where(span, rank, 0).amax(1).cpu().numpy()
-    return FactAccuracy(world, facts, ranks, template)
+        logp[rows], margin[rows] = (t.cpu().numpy() for t in _confidence(step, target, span))
+    return FactAccuracy(world, facts, ranks, template, logp, margin)
+
+
+def _confidence(
+    step: Float[Tensor, "batch k vocab"],
+    target: Int[Tensor, "batch k"],
+    span: Bool[Tensor, "batch k"],
+) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
+    """Per row: the object's log-probability (over its `span` tokens) and its margin, the
+    least p(true) - p(best other) over those tokens."""
+    logsm = step.log_softmax(-1)
+    true = logsm.gather(2, target[..., None]).squeeze(-1)
+    other = logsm.exp().scatter(2, target[..., None], 0.0).amax(-1)
+    gap = torch.where(span, true.exp() - other, torch.inf)
+    return torch.where(span, true, 0.0).sum(1), gap.amin(1)
 
 
 def _logits_in_batches(

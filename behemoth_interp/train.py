@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import GPTNeoXForCausalLM
 
 from behemoth_interp._io import (
     JsonConfig,
@@ -40,7 +42,7 @@ from behemoth_interp.errors import (
     check_range,
 )
 from behemoth_interp.evaluate import evaluate_facts
-from behemoth_interp.grammar import OBJECT, PAD_ROLE
+from behemoth_interp.grammar import OBJECT, PAD_ROLE, get_template
 from behemoth_interp.model import (
     build_model,
     file_sha256,
@@ -75,7 +77,8 @@ class TrainConfig(JsonConfig):
     unembedding), left out of the optimizer. stop_loss / stop_accuracy: end the run at the
     first evaluation (every `eval_every` steps) whose loss on `validation` sentences sampled
     from the corpus is at most `stop_loss`, or whose fact accuracy is at least
-    `stop_accuracy` (the paper's stopping rules, section A).
+    `stop_accuracy` (the paper's stopping rules, section A). The fact accuracy is measured on
+    up to `eval_facts` of the tuples the corpus states, asked in `eval_template`.
     """
 
     preset: str = "pythia-31m"
@@ -104,9 +107,11 @@ class TrainConfig(JsonConfig):
     stop_loss: float | None = None
     stop_accuracy: float | None = None
     validation: int = 1000
+    eval_template: str = "paper"
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
+        get_template(self.eval_template)
         object.__setattr__(
             self, "freeze_blocks", tuple(sorted({int(b) for b in self.freeze_blocks}))
         )
@@ -271,6 +276,7 @@ def train(
     stop_at: int | None = None,
     progress: bool = True,
     command: str | None = None,
+    track: Callable[[GPTNeoXForCausalLM], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train on the corpus in `world_dir/corpus` and write a checkpoint directory to `out`.
 
@@ -280,7 +286,9 @@ def train(
     step exactly. `stop_at` ends the run after that step with a resumable checkpoint, as an
     interruption would (for running long trainings in chunks). The process holds `out`'s
     lock throughout: a second writer is refused. A non-finite loss stops the run with
-    `Diverged`. Returns the training log (also written to `out/train_log.json`).
+    `Diverged`. `track(model)`, when given, runs at every evaluation (the model in eval mode)
+    and its JSON-able result is the history entry's `track` (the retention of edited facts
+    during a downstream fine-tune). Returns the training log (also `out/train_log.json`).
     """
     out = Path(out)
     with output_lock(out):
@@ -289,7 +297,7 @@ def train(
         else:
             check_output(out, overwrite=overwrite, replaceable=is_checkpoint, what="--out")
         return _train(world_dir, out, config, device=device, resume=resume, stop_at=stop_at,
-                      progress=progress, command=command)  # fmt: skip
+                      progress=progress, command=command, track=track)  # fmt: skip
 
 
 def _check_resumable(out: Path) -> None:
@@ -307,7 +315,8 @@ def _check_resumable(out: Path) -> None:
 
 
 def _train(world_dir, out: Path, config: TrainConfig, *, device: str, resume: bool,
-           stop_at: int | None, progress: bool, command: str | None) -> dict[str, Any]:  # fmt: skip
+           stop_at: int | None, progress: bool, command: str | None,
+           track: Callable[[GPTNeoXForCausalLM], dict[str, Any]] | None) -> dict[str, Any]:  # fmt: skip
     world, tokenizer = load_world(world_dir)
     corpus = Corpus.load(Path(world_dir) / "corpus")
     dev = resolve_device(device)
@@ -343,10 +352,11 @@ def _train(world_dir, out: Path, config: TrainConfig, *, device: str, resume: bo
             return log
     batches = Schedule(corpus, world, config, tokenizer.pad_id, tokenizer.eot_id)
     total = batches.total
+    stated = corpus.facts()  # a world's every tuple, or a downstream corpus's part of it
     eval_rows = np.random.default_rng(config.seed).choice(
-        world.n_facts, size=min(config.eval_facts, world.n_facts), replace=False
+        len(stated), size=min(config.eval_facts, len(stated)), replace=False
     )
-    eval_facts = world.facts()[np.sort(eval_rows)]
+    eval_facts = stated[np.sort(eval_rows)]
     validation = _validation_blocks(corpus, config, tokenizer) if config.stop_loss else None
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -384,12 +394,15 @@ def _train(world_dir, out: Path, config: TrainConfig, *, device: str, resume: bo
         bar.update(1)
         if step % config.eval_every == 0 or step == total:
             model.eval()
-            acc = evaluate_facts(model, world, tokenizer, eval_facts)
+            acc = evaluate_facts(model, world, tokenizer, eval_facts,
+                                 template=config.eval_template)  # fmt: skip
             entry = {"step": step, "epoch": batches.epoch(step),
                      "loss": running / count, "lr": config.lr_at(step - 1, total),
                      "accuracy": acc.accuracy, "seconds": time.perf_counter() - started}  # fmt: skip
             if validation is not None:
                 entry["validation_loss"] = _validation_loss(model, validation, config.loss_on)
+            if track is not None:
+                entry["track"] = track(model)
             model.train()
             log["history"].append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", acc=f"{acc.accuracy:.3f}")

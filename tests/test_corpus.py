@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from behemoth_interp import (
     render,
 )
 from behemoth_interp.corpus import _pack
+from behemoth_interp.errors import InvalidArgument
 from behemoth_interp.grammar import GRAMMAR, OBJECT, PAD_ROLE, RELATION, SUBJECT
 
 
@@ -244,3 +247,54 @@ def test_fresh_choices_redraw_only_the_candidates(worlds):
             answer = tuple(row[role == OBJECT])
             candidates = row[role == CHOICE].reshape(-1, len(answer))
             assert answer in {tuple(c) for c in candidates}
+
+
+def test_facts_of_a_full_corpus_are_its_worlds(world_corpus):
+    """Training evaluates on the corpus's facts: for a world's own corpus, every tuple."""
+    world, _, corpus = world_corpus
+    assert np.array_equal(corpus.facts(), world.facts())
+
+
+def test_a_corpus_of_some_tuples_states_them_and_only_them(worlds):
+    world, tok = worlds["independent"]
+    part = world.facts()[::3]
+    corpus = Corpus.build(world, tok, CorpusConfig(copies=2, block_len=64), part)
+    assert np.array_equal(corpus.facts(), part) and len(corpus.sentences) == 2 * len(part)
+    wrong = part.copy()
+    wrong[0, 2] = (wrong[0, 2] + 1) % world.config.n_objects
+    with pytest.raises(InvalidArgument, match="not in the corpus's world"):
+        Corpus.build(world, tok, CorpusConfig(), wrong)
+    with pytest.raises(InvalidArgument, match="given twice"):
+        Corpus.build(world, tok, CorpusConfig(), np.concatenate([part, part[:1]]))
+
+
+ORIGINAL_TEMPLATES = ("compact", "fronted", "mcq", "paper", "relation_first")
+ORIGINAL_SHA256 = {
+    "independent": "76099e89257705960723e37857b40bcd33a607ac47dfc668a975cd734f102b40",
+    "nested": "7bbdf6297e9212e5d5c90b7e5a8e548a49045edb007ce0f9463b3ec3ea6e8d97",
+}
+"""sha256 of the tokens and roles (int64) of a corpus in the five templates the grammar had
+before the augmentation paraphrases, computed with that code (commit c9bf1c1, the parent of
+1954190, which added ten templates): new templates never change how older ones render."""
+
+
+@pytest.mark.parametrize("name", sorted(ORIGINAL_SHA256))
+def test_new_templates_leave_older_corpora_byte_for_byte(worlds, name):
+    world, tok = worlds[name]
+    mix = tuple((t, 1.0) for t in ORIGINAL_TEMPLATES)
+    corpus = Corpus.build(world, tok, CorpusConfig(mix, copies=2, block_len=64, seed=5))
+    payload = (
+        np.asarray(corpus.tokens, np.int64).tobytes() + np.asarray(corpus.roles, np.int64).tobytes()
+    )
+    assert hashlib.sha256(payload).hexdigest() == ORIGINAL_SHA256[name]
+
+
+@pytest.mark.parametrize("name", ["independent", "correlated", "nested"])
+def test_shipped_worlds_corpora_rebuild_byte_for_byte(name):
+    path = Path(__file__).resolve().parents[1] / "data" / "worlds" / name
+    world, tok = load_world(path)
+    shipped = Corpus.load(path / "corpus")
+    rebuilt = Corpus.build(world, tok, shipped.config)
+    assert np.array_equal(rebuilt.tokens, shipped.tokens)
+    assert np.array_equal(rebuilt.roles, shipped.roles)
+    assert rebuilt.sentences.equals(shipped.sentences)

@@ -160,6 +160,9 @@ def _commands(micro_checkpoint, sweep_store, out):
                     "--n", "6", "--out", str(out / "restore.html")],
         "probe": ["probe", m, "--relation", "0", "--out", str(out / "probe.html")],
         "report": ["report", str(sweep_store), "--out", str(out / "report.html")],
+        "retention": ["retention", str(out / "edited-ft"), "--downstream", "new_facts",
+                      "--disjoint", "objects", "--out", str(out / "retention"), "--html",
+                      str(out / "retention.html")],
         "offline": ["probe", m, "--relation", "1", "--offline", "--out",
                     str(out / "offline" / "probe.html")],
     }  # fmt: skip
@@ -179,6 +182,8 @@ def sweep_store(micro_checkpoint, tmp_path_factory):
 def pages(micro_checkpoint, sweep_store, demo_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("pages")
     written = {"demo": demo_run[1]}
+    fine_tuned = ["edit", str(micro_checkpoint), "--blocks", "1", "--out", str(out / "edited-ft")]
+    assert runner.invoke(app, fine_tuned).exit_code == 0  # what `retention` fine-tunes
     for name, args in _commands(micro_checkpoint, sweep_store, out).items():
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (name, result.output)
@@ -187,7 +192,7 @@ def pages(micro_checkpoint, sweep_store, demo_run, tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", ["demo", "trace", "edit", "restore", "probe", "report",
-                                     "offline"])  # fmt: skip
+                                     "retention", "offline"])  # fmt: skip
 def test_report_draws_in_chromium(browser, pages, command, tmp_path):
     page = pages[command]
     text = page.read_text()

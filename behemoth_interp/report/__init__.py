@@ -1,5 +1,5 @@
 """Report pages: one builder (`Page`) for every command that writes HTML, and the pages of
-trace, probe, restoration and edit results, one module each.
+trace, probe, restoration, edit and retention results, one module each.
 
 `report_page(result, ...)` picks the page of a result by its type (the `PAGES` registry), so
 a notebook writes any result's report as the command line does:
@@ -26,6 +26,7 @@ from behemoth_interp.report.page import (
 )
 from behemoth_interp.report.probe import probe_page
 from behemoth_interp.report.restore import restore_page
+from behemoth_interp.report.retention import retention_page
 from behemoth_interp.report.trace import trace_page
 
 PAGES: dict[str, Callable[..., Page]] = {
@@ -33,12 +34,13 @@ PAGES: dict[str, Callable[..., Page]] = {
     "ProbeResult": probe_page,
     "KRSResult": restore_page,
     "EditReport": edit_page,
+    "RetentionResult": retention_page,
 }
 """The page of each result type, by the type's name."""
 
 
 def report_page(result: Any, **kwargs: Any) -> Page:
-    """The report page of `result` (a trace, probe, KRS or edit result); `kwargs` go to its
+    """The report page of `result` (a trace, probe, KRS, edit or retention result); `kwargs` go to its
     page function (e.g. `run=RunInfo.of(model)`)."""
     name = type(result).__name__
     if name not in PAGES:
@@ -61,6 +63,7 @@ __all__ = [
     "plotly_js_name",
     "probe_page",
     "restore_page",
+    "retention_page",
     "signed_heatmap",
     "table_html",
     "trace_page",
