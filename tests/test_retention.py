@@ -16,7 +16,6 @@ from behemoth_interp.retention import (
     DOWNSTREAM_TASKS,
     DownstreamConfig,
     RetentionSet,
-    contains,
     downstream,
     load_retention,
     retention,
@@ -222,3 +221,63 @@ def test_retention_run_writes_its_directory_and_reads_back(edited_micro, tmp_pat
     with pytest.raises(InvalidArgument, match="another retention run"):
         retention(edited_micro, out=out, config=DownstreamConfig("general", disjoint="objects"),
                   resume=True)  # fmt: skip
+
+
+# ------------------------------------------------------------------ as a sweep axis
+def _retention_spec(model, **retention) -> dict:
+    return {"name": "retention", "models": [str(model)], "tasks": ["single"],
+            "methods": [{"method": "finetune", "grid": {"lr": [3e-4]}}], "blocks": [[1]],
+            "components": ["both"], "seeds": [0, 1],
+            "retention": {"downstream": ["new_facts", "classification"], "freeze": ["none", "edited"],
+                          "settings": {"disjoint": "objects", "steps": 100, **retention}}}  # fmt: skip
+
+
+def test_a_sweep_fine_tunes_every_edit_downstream(micro_checkpoint, tmp_path):
+    from behemoth_interp.sweep import SweepResult, SweepSpec, expand, run_sweep
+
+    spec = SweepSpec.from_dict(_retention_spec(micro_checkpoint))
+    assert SweepSpec.from_dict(spec.to_dict()) == spec
+    plain = SweepSpec.from_dict({k: v for k, v in _retention_spec(micro_checkpoint).items()
+                                 if k != "retention"})  # fmt: skip
+    assert "retention" not in plain.to_dict()  # specs without it hash as before
+    assert {r.key for r in expand(spec)}.isdisjoint(r.key for r in expand(plain))
+    run_sweep(spec, tmp_path / "store", executor="local", progress=False)
+    result = SweepResult.load(tmp_path / "store")
+    record = result.records[0]
+    assert [(i["downstream"], i["freeze"]) for i in record["retention"]] == [
+        ("new_facts", "none"), ("new_facts", "edited"),
+        ("classification", "none"), ("classification", "edited")]  # fmt: skip
+    assert record["retention"][1]["freeze_blocks"] == [1]
+    table = result.retention_summary()
+    assert len(table) == 4 and (table.seeds + table.undefined == 2).all()
+    assert table.edited_retention.between(0, 1).all()
+    fig = result.retention()
+    assert len(fig.data) == 4 and "frozen: edited" in fig.data[0].x[1]
+    # the record's fine-tune with the edited block frozen is the direct call's, number for number
+    run = next(r for r in expand(spec) if r.key == record["key"])
+    hf, world, _ = bi.load_hf(micro_checkpoint)
+    task = bi.EditTask.from_dict(run.task, world)
+    edited = bi.edit(hf, task, method=run.method, config=bi.FinetuneConfig.from_dict(run.config),
+                     blocks=list(run.blocks), components=run.components, seed=run.seed,
+                     evaluate=False)  # fmt: skip
+    direct = retention(edited, out=tmp_path / "direct", seed=run.seed,
+                       config=DownstreamConfig("new_facts", disjoint="objects", seed=run.seed),
+                       train_config=bi.TrainConfig(lr=2e-4, steps=100, epochs=None, eval_every=20,
+                                                   seed=run.seed, freeze_blocks=(1,)))  # fmt: skip
+    stored = record["retention"][1]
+    assert {k: stored[k] for k in direct.summary()} == direct.summary()
+
+
+@pytest.mark.parametrize(("retention", "match"), [
+    ({"downstream": ["sentiment"]}, "unknown task 'sentiment'"),
+    ({"freeze": ["all"]}, "'all' is not 'none', 'edited' or a list of blocks"),
+    ({"settings": {"steps": 0}}, "steps"),
+    ({"settings": {"epochs": 3}}, "settings.epochs"),
+    ({"downstrem": ["general"]}, "downstrem"),
+])  # fmt: skip
+def test_a_bad_retention_block_is_refused_before_any_run(micro_checkpoint, retention, match):
+    from behemoth_interp.sweep import SweepSpec
+
+    spec = {**_retention_spec(micro_checkpoint), "retention": retention}
+    with pytest.raises(InvalidArgument, match=match):
+        SweepSpec.from_dict(spec)

@@ -18,6 +18,8 @@ FIGURES = (
      "of each method (Figures 2 and 3), mean over seeds with bootstrap intervals."),
     ("move_rank", "Move rank per block and matrix with every block tuned, and relative to it "
      "when fewer are (Figure 12)."),
+    ("retention", "Retention of the edited facts and of matched intrinsic facts after each "
+     "downstream fine-tune (the retention paper's Figure 2 and Table 1)."),
 )  # fmt: skip
 ABOUT = (
     "Each run of the store is one edit of one model (task, method, its settings, the blocks "

@@ -19,6 +19,7 @@ import pandas as pd
 from behemoth_interp.edit.report import RATE_METRICS
 from behemoth_interp.edit.tasks import TASKS
 from behemoth_interp.errors import InvalidArgument
+from behemoth_interp.sweep.retention import retention_rows
 from behemoth_interp.sweep.spec import Selection, canonical_json
 from behemoth_interp.sweep.store import Store
 
@@ -28,7 +29,7 @@ BASE_COLUMNS = ("key", "status", "error_type", "error", "model", "model_sha", "d
 CELL_COLUMNS = ("model_sha", "task", "relation", "n", "method", "mode", "blocks", "components",
                 "max_remaining", "config_rest")  # fmt: skip
 TIMING_COLUMNS = ("run_s", "setup_s", "edit_s", "fit_s", "evaluate_s", "train_eval_s",
-                  "move_rank_s")  # fmt: skip
+                  "move_rank_s", "retention_s")  # fmt: skip
 METRIC_NAMES = {"success_top1": "success", "success_top2": "success (top-2)",
                 "forget_rate": "forget rate", "remaining": "remaining accuracy",
                 "dependent_followed": "dependent followed", "dependent_kept": "dependent kept"}  # fmt: skip
@@ -143,7 +144,65 @@ class SweepResult:
             rows.append(row)
         return pd.DataFrame(rows)
 
+    def retention_summary(self, *, ci: float = 0.95, n_boot: int = 2000, seed: int = 0,
+                          selection: Selection | None = None) -> pd.DataFrame:  # fmt: skip
+        """Per cell of the best runs, downstream task and freeze setting: edited and intrinsic
+        retention after the fine-tune (means over seeds with percentile bootstrap intervals),
+        `gap` (edited - intrinsic, per seed, then averaged), `seeds`, and `undefined`: seeds
+        whose edit did not take (no edited fact to retain; see `retention_set`)."""
+        best = self.best(selection)
+        rows = retention_rows(self.records, set(best.key) if len(best) else set())
+        if not len(rows):
+            raise InvalidArgument("no selected run of this store was fine-tuned downstream: add a "
+                                  "retention block to the spec (see behemoth_interp.sweep.retention)")  # fmt: skip
+        keys = ["cell", "variant", "model", "model_sha", "task", "method", "blocks", "n_blocks",
+                "components"]  # fmt: skip
+        df = rows.merge(best[[*keys, "key", "seed"]], on="key")
+        df["gap"] = df.edited_retention - df.intrinsic_retention
+        rng = np.random.default_rng(seed)
+        out = []
+        for _, g in df.groupby(["cell", "downstream", "freeze"], sort=False):
+            ok = g[g.error.isna()]
+            row = {k: g[k].iloc[0] for k in [*keys, "downstream", "freeze"]}
+            row.update(seeds=ok.seed.nunique(), undefined=int(g.error.notna().sum()))
+            for m in ("edited_retention", "intrinsic_retention", "gap"):
+                mean, lo, hi = bootstrap_mean(ok[m].to_numpy(float), ci=ci, n_boot=n_boot, rng=rng)
+                row.update({m: mean, f"{m}_lo": lo, f"{m}_hi": hi})
+            out.append(row)
+        return pd.DataFrame(out)
+
     # ------------------------------------------------------------------ figures
+    def retention(self, *, model: str | None = None, ci: float = 0.95,
+                  selection: Selection | None = None):  # fmt: skip
+        """The retention paper's Figure 2 / Table 1: for each downstream task (columns), each
+        variant's edited and intrinsic retention after the fine-tune (bars; per freeze setting
+        when there are several), means over seeds with bootstrap intervals."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        table = _one_model(self.retention_summary(ci=ci, selection=selection), model)
+        tasks = list(dict.fromkeys(table.downstream))
+        several = table.freeze.nunique() > 1
+        label = [f"{v} ({c})" + (f", frozen: {f}" if several else "")
+                 for v, c, f in zip(table.variant, table.components, table.freeze)]  # fmt: skip
+        table = table.assign(label=label)
+        fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks, shared_yaxes=True)
+        for k, (m, name) in enumerate((("edited_retention", "edited"),
+                                       ("intrinsic_retention", "intrinsic"))):  # fmt: skip
+            for j, task in enumerate(tasks):
+                s = table[table.downstream == task]
+                fig.add_trace(go.Bar(x=s.label, y=s[m], name=name, marker_color=_color(k),
+                                     legendgroup=name, showlegend=(j == 0),
+                                     error_y={"type": "data", "symmetric": False,
+                                              "array": s[f"{m}_hi"] - s[m],
+                                              "arrayminus": s[m] - s[f"{m}_lo"]}),
+                              row=1, col=j + 1)  # fmt: skip
+        fig.update_layout(barmode="group", title=_title(
+            f"Edited vs intrinsic retention after downstream fine-tuning (mean over seeds, "
+            f"{ci:.0%} bootstrap)", table))  # fmt: skip
+        fig.update_yaxes(range=[0, 1.05])
+        return fig
+
     def figure_blocks(self, metrics=None, *, model: str | None = None, variant: str | None = None,
                       selection: Selection | None = None):  # fmt: skip
         """Figures 4 and 8: each metric (rows) of each task (columns) against the number of

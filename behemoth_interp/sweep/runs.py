@@ -58,6 +58,7 @@ class Run:
     move_rank: float | None = 0.95
     n_layers: int = 0
     distribution: str = ""
+    retention: dict[str, Any] | None = None
 
     def identity(self) -> dict[str, Any]:
         """What the key hashes (the model's path is not part of it: its weights are)."""
@@ -67,7 +68,9 @@ class Run:
             "method": {"name": self.method, "config": self.config, "mode": self.mode,
                        "blocks": list(self.blocks), "components": list(self.components)},
             "seed": self.seed,
-            "evaluation": {"max_remaining": self.max_remaining, "move_rank": self.move_rank},
+            "evaluation": {"max_remaining": self.max_remaining, "move_rank": self.move_rank,
+                           # only when asked for: older runs keep their keys
+                           **({} if self.retention is None else {"retention": self.retention})},
         }  # fmt: skip
 
     @cached_property
@@ -161,7 +164,8 @@ def _model_runs(spec: SweepSpec, model: str) -> Iterator[Run]:
                 chosen, comps, final = resolved[k]
                 yield Run(model, sha, task_dict, task_sha, {**t.to_dict(), "seed": seed},
                           method.method, final.to_dict(), chosen, comps, method.mode, seed,
-                          spec.max_remaining, spec.move_rank, n_layers, world.config.distribution)  # fmt: skip
+                          spec.max_remaining, spec.move_rank, n_layers, world.config.distribution,
+                          None if spec.retention is None else spec.retention.to_dict())  # fmt: skip
 
 
 def _settings(spec: SweepSpec, n_layers: int) -> Iterator[tuple]:

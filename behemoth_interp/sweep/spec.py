@@ -45,6 +45,7 @@ from behemoth_interp.errors import (
     check_int,
     is_int,
 )
+from behemoth_interp.sweep.retention import RetentionSpec
 
 SPEC_FORMAT = "behemoth-sweep/1"
 BLOCK_KEYWORDS = ("all", "singletons", "prefixes", "default")
@@ -155,7 +156,8 @@ class SweepSpec:
     'both', 'default'; seeds: each draws its own task and seeds its edit; select: `Selection`;
     max_remaining: score remaining accuracy on a seeded sample (None: every unchanged tuple);
     move_rank: the SVD threshold of each run's move-rank summary (None: not computed);
-    threads: torch threads per worker.
+    threads: torch threads per worker; retention: downstream fine-tunes of every edited model
+    (`RetentionSpec`, None: none).
     """
 
     models: tuple[str, ...]
@@ -169,6 +171,7 @@ class SweepSpec:
     max_remaining: int | None = None
     move_rank: float | None = 0.95
     threads: int = 1
+    retention: RetentionSpec | None = None
 
     def __post_init__(self) -> None:
         _check_list(self.models, "models", "checkpoint directories, e.g. [data/models/independent]")
@@ -216,6 +219,8 @@ class SweepSpec:
             "seeds": list(self.seeds), "select": self.select.to_dict(),
             "max_remaining": self.max_remaining, "move_rank": self.move_rank,
             "threads": self.threads,
+            # only when set: a spec without it keeps the hash it had before retention existed
+            **({} if self.retention is None else {"retention": self.retention.to_dict()}),
         }  # fmt: skip
 
     @classmethod
@@ -251,6 +256,7 @@ class SweepSpec:
             max_remaining=d.get("max_remaining"),
             move_rank=d.get("move_rank", 0.95),
             threads=d.get("threads", 1),
+            retention=None if d.get("retention") is None else RetentionSpec.from_dict(d["retention"]),
         )  # fmt: skip
 
     @classmethod

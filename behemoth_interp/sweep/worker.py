@@ -24,6 +24,7 @@ from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.evaluate import FactScores
 from behemoth_interp.model import load_hf
 from behemoth_interp.rank import move_rank
+from behemoth_interp.sweep.retention import run_retention
 from behemoth_interp.sweep.runs import Run, check_weights, task_of
 
 RECORD_FORMAT = "behemoth-sweep-record/1"
@@ -85,7 +86,13 @@ class Worker:
                      "rank": mr.rank.tolist(), "full_rank": mr.full_rank.tolist(),
                      "norm": mr.norm.tolist()}  # fmt: skip
             timings["move_rank_s"] = time.perf_counter() - clock
-        return {"report": jsonable(report.to_dict()), "train": train, "move_rank": ranks}
+        kept = None
+        if run.retention is not None:
+            clock = time.perf_counter()
+            kept = jsonable(run_retention(result, run.retention, run.seed, run.blocks))
+            timings["retention_s"] = time.perf_counter() - clock
+        return {"report": jsonable(report.to_dict()), "train": train, "move_rank": ranks,
+                "retention": kept}  # fmt: skip
 
     def _model(self, run: Run):
         if run.model not in self._models:
@@ -107,7 +114,7 @@ def failed_record(run: Run, err: BaseException, trace: str = "") -> dict[str, An
     """The record of a run that raised `err` (its traceback kept with the timings, which are
     not part of what a rerun must reproduce)."""
     return {"format": RECORD_FORMAT, "key": run.key, "run": run.describe(), "status": "failed",
-            "report": None, "train": None, "move_rank": None,
+            "report": None, "train": None, "move_rank": None, "retention": None,
             "error": {"type": type(err).__name__, "message": str(err)},
             "timings": {"traceback": trace}}  # fmt: skip
 
