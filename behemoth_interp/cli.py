@@ -772,7 +772,9 @@ def report_cmd(
 
 @app.command("reproduce")
 def reproduce_cmd(
-    paper: str = typer.Argument(..., help="The paper whose experiments to run: behemoth."),
+    paper: str = typer.Argument(
+        ..., help="The paper whose experiments to run: behemoth or retention."
+    ),
     scale: str = typer.Option("quick", help="quick (minutes on one core) or paper (full grid)."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Directory of the stores and report (default: reproduce/PAPER-SCALE)."

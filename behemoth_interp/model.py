@@ -185,7 +185,8 @@ def write_checkpoint(into: Path, hf: GPTNeoXForCausalLM, world: World) -> None:
     reads, and `checkpoint.json`: the world's fingerprint and the sha256 of every file, which
     `load_hf` checks. Callers write into a temporary directory (`_io.write_dir`): atomic."""
     hf.config.behemoth_world = world.fingerprint
-    hf.save_pretrained(str(into), safe_serialization=True)
+    with _quiet():
+        hf.save_pretrained(str(into), safe_serialization=True)
     WorldTokenizer(world.config).save(into)
     world.write_into(into)
     write_json(into / CHECKPOINT_META, {"format": CHECKPOINT_FORMAT, "world": world.fingerprint,
@@ -259,8 +260,9 @@ def check_world(model, world: World) -> None:
 
 
 @contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Without transformers' per-tensor 'Loading weights' bar (noise for a 30M model)."""
+def _quiet() -> Iterator[None]:
+    """Without transformers' progress bars ('Loading weights', 'Writing model shards'): noise
+    for a 30M model."""
     from transformers.utils import logging
 
     was = logging.is_progress_bar_enabled()
@@ -298,7 +300,7 @@ def load_hf(
     tokenizer = WorldTokenizer(world.config)
     tokenizer.check_saved(path)
     try:
-        with _quiet_loading():
+        with _quiet():
             hf = GPTNeoXForCausalLM.from_pretrained(
                 str(path), local_files_only=True, dtype=torch.float32
             )

@@ -80,16 +80,22 @@ def test_downstream_corpora_never_state_the_edit(world, kind, edit, seed, n_keep
     # what it states: its facts, each a fact of its world that the edit's world does not hold
     assert np.array_equal(corpus.facts(), d.facts[np.lexsort((d.facts[:, 0], d.facts[:, 1]))])
     assert (d.world.objects_of(d.facts[:, 0], d.facts[:, 1]) == d.facts[:, 2]).all()
-    if not DOWNSTREAM_TASKS[kind].binary:
-        assert (w.objects_of(d.facts[:, 0], d.facts[:, 1]) != d.facts[:, 2]).all()
+    known = w.objects_of(d.facts[:, 0], d.facts[:, 1])
+    if DOWNSTREAM_TASKS[kind].objects == "new":
+        assert (known != d.facts[:, 2]).all()
+    elif DOWNSTREAM_TASKS[kind].objects == "true":
+        assert (known == d.facts[:, 2]).all() and d.world == w
 
 
 def test_downstream_tasks_are_what_they_say():
     w = bi.World.generate(WIDE["independent"])
     task = bi.EditTask.draw(w, "single", seed=1)
     built = {k: downstream(task, DownstreamConfig(k, seed=3)) for k in DOWNSTREAM_TASKS}
-    # every other subject, every other relation
-    assert len(built["general"].facts) == (w.config.n_subjects - 1) * (w.config.n_relations - 1)
+    # every other subject, every other relation; known facts only where their object is allowed
+    assert len(built["new_facts"].facts) == (w.config.n_subjects - 1) * (w.config.n_relations - 1)
+    general = built["general"]
+    assert 0 < len(general.facts) < len(built["new_facts"].facts)
+    assert not np.isin(general.facts[:, 2], general.excluded_objects).any()
     labels = built["classification"].facts
     assert len(np.unique(labels[:, 1])) == 1 and len(np.unique(labels[:, 2])) == 2
     assert abs((labels[:, 2] == labels[0, 2]).mean() - 0.5) <= 1 / len(labels)  # balanced
@@ -100,7 +106,10 @@ def test_downstream_tasks_are_what_they_say():
     assert "mcq" not in templates["general"] and len(templates["general"]) > 10
     tc = built["instruction"].train_config()
     assert (tc.loss_on, tc.stop_accuracy, tc.eval_template) == ("object", 0.7, "relation_first")
-    assert built["general"].train_config().loss_on == "all"
+    assert (
+        built["general"].train_config().loss_on,
+        built["general"].train_config().stop_accuracy,
+    ) == ("all", None)
     # seeded: the same config gives the same facts, another seed others
     again = downstream(task, DownstreamConfig("new_facts", seed=3)).facts
     assert np.array_equal(again, built["new_facts"].facts)

@@ -376,6 +376,13 @@ def test_the_committed_specs_are_valid_and_count_as_documented():
     assert counts == {"figure4-single-quick": 24, "figure4-forget-quick": 24,
                       "figure7-lora-quick": 18, "figure8-correlated-quick": 24,
                       "dependents-quick": 18}  # fmt: skip
+    retention = {s.name: (len(expand(s)), s.retention.downstream, s.retention.freeze)
+                 for s in [*paper_specs("retention", "quick"), *paper_specs("retention", "paper")]}  # fmt: skip
+    every = ("general", "new_facts", "classification", "instruction")
+    assert retention == {"retention-quick": (9, every, ("none",)),
+                         "retention-remedies-quick": (18, ("general",), ("none", "edited")),
+                         "retention-paper": (50, every, ("none", "edited")),
+                         "retention-remedies-paper": (60, ("general",), ("none", "edited"))}  # fmt: skip
 
 
 def test_reproduce_runs_every_spec_resumes_and_guards_its_directory(micro_checkpoint, tmp_path):

@@ -10,17 +10,24 @@ the analogues are built from the world itself, and exclusion is exact instead of
   fraction of them;
 - the *downstream relations* are the base relations minus the edited ones (and their correlated
   partners), so no relation-object pair of the edit can occur;
-- every downstream fact gets a new object drawn (seeded) from the *allowed objects*: not the
-  fact's own, and sharing no token with an edited tuple's old or new object or a kept-out
-  fact's object (`disjoint="tokens"`; `"objects"` only excludes those objects themselves, for
-  edits of many tuples, whose objects cover every object token of a small world).
+- every object a downstream sentence names is an *allowed object*: it shares no token with an
+  edited tuple's old or new object or a kept-out fact's object (`disjoint="tokens"`;
+  `"objects"` only excludes those objects themselves, for edits of many tuples, whose objects
+  cover every object token of a small world).
 
-So each task teaches knowledge the model does not have, about other subjects and relations, in
-the task's format: `general` (every non-choice template, loss on every token), `new_facts`
-(the paper template, loss on the object), `classification` (a binary relation: each subject
-labelled with one of two objects), `instruction` (relation-first questions). The rendered corpus
-is checked to contain no excluded subject, relation or object token sequence before it is
-written.
+The four tasks follow the paper's: `general` restates facts the model knows (their true
+objects, where allowed) in every non-choice template with the loss on every token, for a fixed
+number of steps (the paper's general text, which mostly agrees with what the model knows);
+`new_facts` gives facts new objects the model does not predict (paper template, object loss,
+until 70% of them are learned, the paper's structured facts); `classification` labels every
+downstream subject with one of two objects under one relation (a binary task, until 95%);
+`instruction` asks known facts in the relation-first formats (answer loss, until 70% in that
+format, the paper's instruction tuning). The rendered corpus is checked to contain no excluded
+subject, relation or object token sequence before it is written.
+
+The vocabulary is closed and the shipped models were trained on every subject, so "new" here
+means new objects for known subjects (`new_facts`, `classification`): that fine-tune contradicts
+what the model knows of those subjects, which the paper's downstream data mostly does not.
 """
 
 from __future__ import annotations
@@ -46,18 +53,20 @@ Disjoint = Literal["tokens", "objects"]
 
 @dataclass(frozen=True)
 class DownstreamTask:
-    """One kind of downstream data: its templates, what carries the loss, when to stop (the
-    paper's thresholds: 70% on new facts and instructions, 95% on classification; the paper
-    stops general text and instructions at a validation loss, here every task has an exact
-    accuracy on its own facts), and the template that accuracy is asked in."""
+    """One kind of downstream data: its templates, what carries the loss, which `objects` its
+    facts state ('true': the world's; 'new': others, drawn; 'labels': one of two per subject),
+    when to stop (the paper's thresholds: 70% on new facts and instructions, 95% on
+    classification, measured exactly on the task's own facts in `eval_template`; None: the
+    fine-tune's `steps`, as a general-text run that restates known facts has no accuracy to
+    reach)."""
 
     name: str
     description: str
     templates: tuple[str, ...]
     loss_on: Literal["all", "object"]
-    stop_accuracy: float
+    objects: Literal["true", "new", "labels"]
+    stop_accuracy: float | None
     eval_template: str = "paper"
-    binary: bool = False
 
 
 DOWNSTREAM_TASKS: dict[str, DownstreamTask] = {
@@ -65,35 +74,39 @@ DOWNSTREAM_TASKS: dict[str, DownstreamTask] = {
     for t in (
         DownstreamTask(
             "general",
-            "next-token prediction on sentences of the grammar in every "
-            "non-choice template, loss on every token (the paper's general text)",
+            "next-token prediction on known facts in every non-choice "
+            "template, loss on every token, for the fine-tune's steps (the paper's "
+            "general text)",
             ("paper", *PARAPHRASES, *AUGMENT_PARAPHRASES),
             "all",
-            0.7,
+            "true",
+            None,
         ),  # fmt: skip
         DownstreamTask(
             "new_facts",
-            "object prediction for facts the model does not know, in the "
-            "paper template (the paper's structured facts)",
+            "object prediction for facts the model does not know (new "
+            "objects), paper template, until 70% (the paper's structured facts)",
             ("paper",),
             "object",
+            "new",
             0.7,
         ),  # fmt: skip
         DownstreamTask(
             "classification",
             "a binary relation: every downstream subject labelled "
-            "with one of two objects (the paper's sentiment classification)",
+            "with one of two objects, until 95% (the paper's sentiment classification)",
             ("paper",),
             "object",
+            "labels",
             0.95,
-            binary=True,
         ),  # fmt: skip
         DownstreamTask(
             "instruction",
-            "questions in the relation-first formats, answer loss only "
-            "(the paper's instruction tuning)",
+            "known facts asked in the relation-first formats, answer "
+            "loss, until 70% in that format (the paper's instruction tuning)",
             ("relation_first", "relation_long"),
             "object",
+            "true",
             0.7,
             eval_template="relation_first",
         ),  # fmt: skip
@@ -253,16 +266,23 @@ def downstream(
             f"({len(subjects)} subjects, relations {sorted(relations)}, {int((~allowed).sum())} "
             f"objects): edit fewer tuples, raise subjects=, or use disjoint='objects'"
         )
-    if config.spec.binary:
+    objects_of = config.spec.objects
+    if objects_of == "labels":
         r = rels[0]
         labels = rng.permutation(pools[r])[:2]
-        s = chosen
-        new = labels[rng.permutation(np.arange(len(s)) % 2)]
-        facts = np.stack([s, np.full_like(s, r), new], axis=1)
+        new = labels[rng.permutation(np.arange(len(chosen)) % 2)]
+        facts = np.stack([chosen, np.full_like(chosen, r), new], axis=1)
     else:
         s, r = (a.ravel() for a in np.meshgrid(chosen, rels, indexing="ij"))
-        new = _other_object(rng, world.objects_of(s, r), r, pools)
-        facts = np.stack([s, r, new], axis=1)
+        true = world.objects_of(s, r)
+        if objects_of == "new":
+            facts = np.stack([s, r, _other_object(rng, true, r, pools)], axis=1)
+        else:  # the known facts whose objects are allowed
+            ok = np.array([t in pools[rel] for t, rel in zip(true, r)], dtype=bool)
+            facts = np.stack([s, r, true], axis=1)[ok]
+            if not len(facts):
+                raise InvalidArgument("no downstream subject's fact has an allowed object: raise "
+                                      "subjects= or use disjoint='objects'")  # fmt: skip
     stated = np.stack([facts[:, 0], facts[:, 1], world.objects_of(facts[:, 0], facts[:, 1])], 1)
     return Downstream(config, world.with_objects(stated, facts[:, 2]), world,
                       facts.astype(np.int64), subjects, excluded_relations, objects[~allowed])  # fmt: skip
