@@ -8,7 +8,10 @@ own selection rule (the best learning rate per cell on training-time data).
 - move rank (Figure 12): every block tuned, each block's move rank per matrix; and a tuned
   block's move rank relative to that, averaged over the subsets of each size;
 - dependents (Figures 2 and 3): each method's success, dependents followed / kept and
-  remaining accuracy, means over seeds with bootstrap intervals.
+  remaining accuracy, means over seeds with bootstrap intervals;
+- retention (the retention paper's Figure 2 and Table 1): per method, downstream task and freeze
+  setting, edited and intrinsic retention after the fine-tune and their gap, means over seeds
+  with bootstrap intervals.
 
     python experiments/sweep_tables.py STORE [--tables blocks,correlation,move_rank,dependents]
 """
@@ -22,7 +25,7 @@ import pandas as pd
 import behemoth_interp as bi
 from behemoth_interp.rank import COMPONENTS
 
-TABLES = ("blocks", "correlation", "move_rank", "dependents")
+TABLES = ("blocks", "correlation", "move_rank", "dependents", "retention")
 
 
 def blocks_table(result: bi.SweepResult) -> str:
@@ -98,6 +101,21 @@ def dependents_table(result: bi.SweepResult) -> str:
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
+def retention_table(result: bi.SweepResult) -> str:
+    table = result.retention_summary()
+    rows = []
+    for _, r in table.iterrows():
+        row = {"method": r.variant, "blocks": _blocks(r.blocks), "downstream": r.downstream,
+               "frozen": r.freeze, "seeds": r.seeds, "undefined": r.undefined}  # fmt: skip
+        for m, name in (("edited_retention", "edited"), ("intrinsic_retention", "intrinsic"),
+                        ("gap", "edited − intrinsic")):  # fmt: skip
+            row[name] = (
+                "–" if pd.isna(r[m]) else f"{r[m]:.2f} [{r[f'{m}_lo']:.2f}, {r[f'{m}_hi']:.2f}]"
+            )
+        rows.append(row)
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
 def _blocks(blocks) -> str:
     return (
         "default"
@@ -118,7 +136,8 @@ def main() -> None:
     result = bi.SweepResult.load(a.store)
     print(f"{result!r}; selection: {result.selection.to_dict()}\n")
     makers = {"blocks": blocks_table, "correlation": correlation_table,
-              "move_rank": move_rank_tables, "dependents": dependents_table}  # fmt: skip
+              "move_rank": move_rank_tables, "dependents": dependents_table,
+              "retention": retention_table}  # fmt: skip
     for name in a.tables.split(","):
         print(f"## {name}\n\n{makers[name](result)}\n")
 
