@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.grammar import TEMPLATES, render
 from behemoth_interp.model import load_hf
 from behemoth_interp.report import Page, RunInfo, check_plotly_js
+from behemoth_interp.retention.downstream import FINE_TUNE
 from behemoth_interp.train import TrainConfig, train
 from behemoth_interp.world import SPACE_NAMES, WorldConfig
 
@@ -564,9 +566,11 @@ def retention_cmd(
     ),
     per_edit: int = typer.Option(2, help="Intrinsic facts matched to each edited one."),
     min_margin: float = typer.Option(0.1, help="Least confidence margin of a measured fact."),
-    lr: float = typer.Option(2e-4, help="Fine-tuning learning rate."),
-    steps: int = typer.Option(2000, help="Most fine-tuning steps (the task's accuracy stops it)."),
-    eval_every: int = typer.Option(20, help="Steps between retention measurements."),
+    lr: float = typer.Option(FINE_TUNE.lr, help="Fine-tuning learning rate."),
+    steps: int = typer.Option(
+        FINE_TUNE.steps, help="Most fine-tuning steps (the task's accuracy stops it)."
+    ),
+    eval_every: int = typer.Option(FINE_TUNE.eval_every, help="Steps between retention scores."),
     freeze: str = typer.Option("", help="Blocks that never change (as `train --freeze`)."),
     seed: int = typer.Option(0, help="Seed of the downstream data, the sets and the fine-tune."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
@@ -586,8 +590,9 @@ def retention_cmd(
         )
     config = DownstreamConfig(downstream, subjects=subjects, copies=copies, disjoint=disjoint,  # type: ignore[arg-type]
                               seed=seed)  # fmt: skip
-    base = TrainConfig(lr=lr, steps=steps, epochs=None, eval_every=eval_every, seed=seed,
-                       save_optimizer=False, **parse_freeze(freeze))  # fmt: skip
+    base = dataclasses.replace(
+        FINE_TUNE, lr=lr, steps=steps, eval_every=eval_every, seed=seed, **parse_freeze(freeze)
+    )
     with claim(out, force or resume, html, offline):
         result = retention(edited_dir, out=out, config=config, train_config=base,
                            per_edit=per_edit, min_margin=min_margin, seed=seed, device=device,

@@ -321,13 +321,13 @@ def build_world(
 
 
 def write_world(
-    world: World, corpus: CorpusConfig, out: str | Path, *, overwrite: bool = False,
-    facts: np.ndarray | None = None,
-) -> tuple[World, WorldTokenizer, Corpus]:  # fmt: skip
+    world: World, corpus: CorpusConfig | Corpus, out: str | Path, *, overwrite: bool = False
+) -> tuple[World, WorldTokenizer, Corpus]:
     """Write `world` (generated or changed, e.g. an oracle's), its tokenizer and its corpus
-    (of every tuple, or of `facts`) into `out`, atomically."""
+    (built from a config, or one built already, e.g. a downstream task's) into `out`,
+    atomically."""
     tokenizer = WorldTokenizer(world.config)
-    packed = Corpus.build(world, tokenizer, corpus, facts)
+    packed = corpus if isinstance(corpus, Corpus) else Corpus.build(world, tokenizer, corpus)
 
     def fill(tmp: Path) -> None:
         world.write_into(tmp)

@@ -10,7 +10,7 @@ parameter swaps between models mean what they say.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +191,18 @@ def write_checkpoint(into: Path, hf: GPTNeoXForCausalLM, world: World) -> None:
     world.write_into(into)
     write_json(into / CHECKPOINT_META, {"format": CHECKPOINT_FORMAT, "world": world.fingerprint,
                "sha256": {f: file_sha256(into / f) for f in CHECKPOINT_FILES}})  # fmt: skip
+
+
+def parameters_sha256(model: torch.nn.Module, include: Callable[[str], bool] | None = None) -> str:
+    """sha256 of a model's parameters (names, shapes, dtypes and bytes), or of those whose name
+    `include` accepts: equal for equal weights, wherever they are stored."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if include is None or include(name):
+            t = p.detach().cpu().contiguous()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def file_sha256(path: Path) -> str:

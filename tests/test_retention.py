@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import behemoth_interp as bi
 from behemoth_interp.errors import InvalidArgument, OutputExists
+from behemoth_interp.model import parameters_sha256
 from behemoth_interp.retention import (
     DOWNSTREAM_TASKS,
     DownstreamConfig,
@@ -20,7 +21,6 @@ from behemoth_interp.retention import (
     load_retention,
     retention,
     retention_set,
-    weights_sha256,
 )
 from behemoth_interp.train import train
 
@@ -216,7 +216,7 @@ def test_retention_run_writes_its_directory_and_reads_back(edited_micro, tmp_pat
     assert (s["stopped"] is None) == (s["steps"] == 2000)
     again = load_retention(out)
     assert again.history == json.loads(json.dumps(result.history))
-    assert again.settings["edited_sha256"] == weights_sha256(edited_micro.model)
+    assert again.settings["edited_sha256"] == parameters_sha256(edited_micro.model)
     facts = again.facts_dataframe()
     assert set(facts.set) == {"edited", "intrinsic"} and facts.p_target.between(0, 1).all()
     fig = result.plot()

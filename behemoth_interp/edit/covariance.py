@@ -4,7 +4,6 @@ layer and cached, so that ROME, MEMIT and AlphaEdit read the same estimate."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from torch import Tensor
 from behemoth_interp.errors import InvalidArgument
 from behemoth_interp.grammar import render
 from behemoth_interp.hooks import Site, capture
+from behemoth_interp.model import parameters_sha256
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
 
@@ -78,12 +78,7 @@ def key_covariance(
 
 def _fingerprint(model: HookedTransformer, layer: int) -> str:
     """sha256 of every parameter the keys of block `layer` depend on."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if _feeds_keys(name, layer):
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
+    return parameters_sha256(model, lambda name: _feeds_keys(name, layer))
 
 
 def _feeds_keys(name: str, layer: int) -> bool:

@@ -3,6 +3,7 @@ fine-tunes an edited model and measures edited vs intrinsic retention (Wen & Zha
 
 from behemoth_interp.retention.downstream import (
     DOWNSTREAM_TASKS,
+    FINE_TUNE,
     Downstream,
     DownstreamConfig,
     DownstreamTask,
@@ -10,11 +11,10 @@ from behemoth_interp.retention.downstream import (
     downstream,
 )
 from behemoth_interp.retention.result import RetentionResult
-from behemoth_interp.retention.run import load_retention, retention, weights_sha256
+from behemoth_interp.retention.run import load_retention, retention
 from behemoth_interp.retention.sets import RetentionSet, retention_set
 
 __all__ = [
-    "DOWNSTREAM_TASKS", "Downstream", "DownstreamConfig", "DownstreamTask", "RetentionResult",
+    "DOWNSTREAM_TASKS", "FINE_TUNE", "Downstream", "DownstreamConfig", "DownstreamTask", "RetentionResult",
     "RetentionSet", "contains", "downstream", "load_retention", "retention", "retention_set",
-    "weights_sha256",
 ]  # fmt: skip

@@ -49,6 +49,9 @@ from behemoth_interp.train import TrainConfig
 from behemoth_interp.world import World
 
 Disjoint = Literal["tokens", "objects"]
+FINE_TUNE = TrainConfig(lr=2e-4, steps=2000, epochs=None, eval_every=20, save_optimizer=False)
+"""The downstream fine-tune's defaults: lr 2e-4, a tenth of the shipped recipe's peak (the
+paper fine-tunes at a fraction of pre-training's), at most 2000 steps, evaluated every 20."""
 
 
 @dataclass(frozen=True)
@@ -168,12 +171,9 @@ class Downstream:
                             seed=self.config.seed)  # fmt: skip
 
     def train_config(self, base: TrainConfig | None = None, **fields) -> TrainConfig:
-        """`base` (default: `TrainConfig`'s defaults with lr 2e-4, a tenth of the shipped
-        recipe's, as the paper fine-tunes at a fraction of pre-training's, 2000 steps at most,
-        evaluated every 20) with this task's loss, stopping accuracy and evaluation template;
-        `fields` override any of them."""
-        base = base or TrainConfig(lr=2e-4, steps=2000, epochs=None, eval_every=20,
-                                   save_optimizer=False)  # fmt: skip
+        """`base` (default: `FINE_TUNE`) with this task's loss, stopping accuracy and evaluation
+        template; `fields` override any of them."""
+        base = base or FINE_TUNE
         spec = self.config.spec
         return replace(base, **{"loss_on": spec.loss_on, "stop_accuracy": spec.stop_accuracy,
                                 "eval_template": spec.eval_template, **fields})  # fmt: skip
@@ -188,8 +188,7 @@ class Downstream:
     def write(self, out: str | Path, *, overwrite: bool = False) -> Path:
         """Write the world and its corpus into `out` (what `train(out, ..., init_from=)` reads),
         atomically, after checking the corpus."""
-        self.corpus()
-        write_world(self.world, self.corpus_config, out, overwrite=overwrite, facts=self.facts)
+        write_world(self.world, self.corpus(), out, overwrite=overwrite)
         return Path(out)
 
     def check(self, tokens: np.ndarray) -> None:
@@ -278,8 +277,7 @@ def downstream(
         if objects_of == "new":
             facts = np.stack([s, r, _other_object(rng, true, r, pools)], axis=1)
         else:  # the known facts whose objects are allowed
-            ok = np.array([t in pools[rel] for t, rel in zip(true, r)], dtype=bool)
-            facts = np.stack([s, r, true], axis=1)[ok]
+            facts = np.stack([s, r, true], axis=1)[allowed[true]]  # a true object is a candidate
             if not len(facts):
                 raise InvalidArgument("no downstream subject's fact has an allowed object: raise "
                                       "subjects= or use disjoint='objects'")  # fmt: skip

@@ -18,18 +18,15 @@ result is the same, bit for bit (training is deterministic for a config and seed
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from importlib.metadata import version
 from pathlib import Path
-
-import torch
 
 from behemoth_interp._io import check_output, output_lock, read_json, write_json
 from behemoth_interp.edit.report import EDIT_TASK, EditResult
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import InvalidArgument, MissingInput
-from behemoth_interp.model import is_checkpoint, load_hf
+from behemoth_interp.model import is_checkpoint, load_hf, parameters_sha256
 from behemoth_interp.retention.downstream import DownstreamConfig, downstream
 from behemoth_interp.retention.result import RetentionResult
 from behemoth_interp.retention.sets import retention_set
@@ -74,7 +71,7 @@ def retention(
         settings = {"edited": str(checkpoint), "task": task.to_dict(),
                     "downstream": config.to_dict(), "train": tc.to_dict(), "per_edit": per_edit,
                     "min_margin": min_margin, "seed": seed, "version": version("behemoth-interp"),
-                    "edited_sha256": weights_sha256(model)}  # fmt: skip
+                    "edited_sha256": parameters_sha256(model)}  # fmt: skip
         _start(out, settings, resuming)
         if not (out / "world" / "world.json").is_file():
             task.world.save(out / "world", overwrite=True)
@@ -112,17 +109,6 @@ def _edited(source: EditResult | Path):
         )
     model, world, _ = load_hf(source)
     return model, EditTask.from_dict(read_json(source / EDIT_TASK, what="edit task"), world)
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 of a model's parameters and buffers (names, shapes, dtypes and bytes): equal for
-    equal weights, wherever they are stored."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _start(out: Path, settings: dict, resuming: bool) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import InvalidArgument, check_int, check_range
-from behemoth_interp.evaluate import FactAccuracy, evaluate_facts
+from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
 
@@ -43,13 +43,16 @@ class RetentionSet:
         of the new object and the log-probability of the original one, for the intrinsic facts
         the rank and log-probability of the true object (what a downstream fine-tune tracks;
         the model's world is not checked: a fine-tune records its downstream world)."""
-        tok = WorldTokenizer(self.world.config)
-        ask = lambda facts: evaluate_facts(model, self.world, tok, facts, world_check=False)  # noqa: E731
-        new, intrinsic = ask(self.edited), ask(self.intrinsic)
         before = self.edited.copy()
         before[:, 2] = self.original
-        return {"edited": {**_answers(new), "logp_original": ask(before).logp.tolist()},
-                "intrinsic": _answers(intrinsic)}  # fmt: skip
+        n, m = len(self.edited), len(self.intrinsic)
+        # one batched pass over the three sets (their prompts share prefixes)
+        acc = evaluate_facts(model, self.world, WorldTokenizer(self.world.config),
+                             np.concatenate([self.edited, self.intrinsic, before]),
+                             world_check=False)  # fmt: skip
+        rank, logp = acc.rank.tolist(), acc.logp.tolist()
+        return {"edited": {"rank": rank[:n], "logp": logp[:n], "logp_original": logp[n + m:]},
+                "intrinsic": {"rank": rank[n : n + m], "logp": logp[n : n + m]}}  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {"edited": self.edited.tolist(), "original": self.original.tolist(),
@@ -59,14 +62,10 @@ class RetentionSet:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], world: World) -> RetentionSet:
-        arrays = {k: np.asarray(d[k], dtype=np.float64 if "margin" in k else np.int64).reshape(
-            (-1, 3) if k in ("edited", "intrinsic") else (-1,))
-            for k in ("edited", "original", "intrinsic", "edited_margin", "intrinsic_margin")}  # fmt: skip
-        return cls(world, **arrays, min_margin=float(d["min_margin"]), dropped=int(d["dropped"]))
-
-
-def _answers(acc: FactAccuracy) -> dict[str, list]:
-    return {"rank": acc.rank.tolist(), "logp": acc.logp.tolist()}
+        facts = {k: np.asarray(d[k], np.int64).reshape(-1, 3) for k in ("edited", "intrinsic")}
+        return cls(world, facts["edited"], np.asarray(d["original"], np.int64), facts["intrinsic"],
+                   np.asarray(d["edited_margin"], float), np.asarray(d["intrinsic_margin"], float),
+                   float(d["min_margin"]), int(d["dropped"]))  # fmt: skip
 
 
 def retention_set(

@@ -30,6 +30,9 @@ CELL_COLUMNS = ("model_sha", "task", "relation", "n", "method", "mode", "blocks"
                 "max_remaining", "config_rest")  # fmt: skip
 TIMING_COLUMNS = ("run_s", "setup_s", "edit_s", "fit_s", "evaluate_s", "train_eval_s",
                   "move_rank_s", "retention_s")  # fmt: skip
+SUMMARY_KEYS = ("cell", "variant", "model", "model_sha", "task", "method", "blocks", "n_blocks",
+                "components")  # fmt: skip
+"""What a summary row of a cell says it is (`summary`, `retention_summary`)."""
 METRIC_NAMES = {"success_top1": "success", "success_top2": "success (top-2)",
                 "forget_rate": "forget rate", "remaining": "remaining accuracy",
                 "dependent_followed": "dependent followed", "dependent_kept": "dependent kept"}  # fmt: skip
@@ -130,8 +133,7 @@ class SweepResult:
         best = self.best(selection)
         if not len(best):
             return pd.DataFrame()
-        keys = ["cell", "variant", "model", "model_sha", "task", "method", "blocks", "n_blocks",
-                "components"]  # fmt: skip
+        keys = list(SUMMARY_KEYS)
         rng = np.random.default_rng(seed)
         rows = []
         for _, g in best.groupby("cell", sort=False):
@@ -155,8 +157,7 @@ class SweepResult:
         if not len(rows):
             raise InvalidArgument("no selected run of this store was fine-tuned downstream: add a "
                                   "retention block to the spec (see behemoth_interp.sweep.retention)")  # fmt: skip
-        keys = ["cell", "variant", "model", "model_sha", "task", "method", "blocks", "n_blocks",
-                "components"]  # fmt: skip
+        keys = list(SUMMARY_KEYS)
         df = rows.merge(best[[*keys, "key", "seed"]], on="key")
         df["gap"] = df.edited_retention - df.intrinsic_retention
         rng = np.random.default_rng(seed)

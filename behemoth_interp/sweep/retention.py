@@ -27,8 +27,7 @@ import numpy as np
 import pandas as pd
 
 from behemoth_interp.errors import BehemothError, InvalidArgument, check_int, check_range
-from behemoth_interp.retention import DOWNSTREAM_TASKS, DownstreamConfig, retention
-from behemoth_interp.train import TrainConfig
+from behemoth_interp.retention import DOWNSTREAM_TASKS, FINE_TUNE, DownstreamConfig, retention
 
 FREEZE_KEYWORDS = ("none", "edited")
 
@@ -51,9 +50,9 @@ class RetentionSpec:
     disjoint: str = "tokens"
     per_edit: int = 2
     min_margin: float = 0.1
-    lr: float = 2e-4
-    steps: int = 2000
-    eval_every: int = 20
+    lr: float = FINE_TUNE.lr
+    steps: int = FINE_TUNE.steps  # type: ignore[assignment]
+    eval_every: int = FINE_TUNE.eval_every
 
     def __post_init__(self) -> None:
         if isinstance(self.downstream, str) or not self.downstream:
@@ -133,8 +132,14 @@ def run_retention(result, spec: dict[str, Any], seed: int, edited_blocks) -> lis
             config = DownstreamConfig(
                 name, subjects=rs.subjects, copies=rs.copies, disjoint=rs.disjoint, seed=seed
             )  # type: ignore[arg-type]
-            train = TrainConfig(lr=rs.lr, steps=rs.steps, epochs=None, eval_every=rs.eval_every,
-                                seed=seed, save_optimizer=False, freeze_blocks=blocks)  # fmt: skip
+            train = dataclasses.replace(
+                FINE_TUNE,
+                lr=rs.lr,
+                steps=rs.steps,
+                seed=seed,
+                eval_every=rs.eval_every,
+                freeze_blocks=blocks,
+            )
             try:
                 r = retention(result, out=Path(tmp) / str(i), config=config, train_config=train,
                               per_edit=rs.per_edit, min_margin=rs.min_margin, seed=seed)  # fmt: skip
