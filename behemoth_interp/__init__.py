@@ -38,7 +38,7 @@ from behemoth_interp.edit import (
     select_lr,
     training_scores,
 )
-from behemoth_interp.evaluate import FactAccuracy, FactScores, evaluate_facts
+from behemoth_interp.evaluate import FactAccuracy, FactScores, accuracy_by_format, evaluate_facts
 from behemoth_interp.grammar import (
     AUGMENT_PARAPHRASES,
     PARAPHRASES,
@@ -183,6 +183,7 @@ __all__ = [
     "TrainConfig",
     "capacity_search",
     "evaluate_facts",
+    "accuracy_by_format",
     "load_hf",
     "load_model",
     "to_hooked",

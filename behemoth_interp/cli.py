@@ -19,7 +19,7 @@ from behemoth_interp.capacity import capacity_search
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
 from behemoth_interp.edit import METHODS, OBJECTIVES
 from behemoth_interp.errors import BehemothError, InvalidArgument
-from behemoth_interp.evaluate import evaluate_facts
+from behemoth_interp.evaluate import accuracy_by_format, evaluate_facts
 from behemoth_interp.grammar import TEMPLATES, render
 from behemoth_interp.model import load_hf
 from behemoth_interp.report import Page, RunInfo, check_plotly_js
@@ -202,17 +202,6 @@ def evaluate_cmd(
         typer.echo(format_accuracy(evaluate_facts(hf, world, tok, template=names[0]).summary()))
         return
     typer.echo(format_table(accuracy_by_format(hf, world, tok, names)))
-
-
-def accuracy_by_format(hf, world, tok, names: list[str]):
-    """Top-1 accuracy per relation (rows, and 'all') in each template (columns)."""
-    import pandas as pd
-
-    columns = {}
-    for name in names:
-        acc = evaluate_facts(hf, world, tok, template=name)
-        columns[name] = pd.concat([acc.per_relation(), pd.Series({"all": acc.accuracy})])
-    return pd.DataFrame(columns)
 
 
 def format_table(table) -> str:

@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import DynamicCache, GPTNeoXForCausalLM
 
 from behemoth_interp.errors import CheckpointMismatch, Diverged, InvalidArgument
-from behemoth_interp.grammar import render
+from behemoth_interp.grammar import TEMPLATES, render
 from behemoth_interp.model import check_world, describe, logits_of, model_device
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
@@ -201,6 +201,18 @@ def evaluate_facts(
         ranks[rows] = torch.where(span, rank, 0).amax(1).cpu().numpy()
         logp[rows], margin[rows] = (t.cpu().numpy() for t in _confidence(step, target, span))
     return FactAccuracy(world, facts, ranks, template, logp, margin)
+
+
+def accuracy_by_format(
+    model, world: World, tokenizer: WorldTokenizer, templates: list[str] | None = None
+) -> pd.DataFrame:
+    """Top-1 accuracy on every tuple per relation (rows, then 'all') in each grammar template
+    (columns; default: every template): whether a model knows its facts in every format."""
+    columns = {}
+    for name in list(TEMPLATES) if templates is None else templates:
+        acc = evaluate_facts(model, world, tokenizer, template=name)
+        columns[name] = pd.concat([acc.per_relation(), pd.Series({"all": acc.accuracy})])
+    return pd.DataFrame(columns)
 
 
 def _confidence(

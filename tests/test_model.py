@@ -12,7 +12,8 @@ import torch
 
 from behemoth_interp import CorpusConfig, WorldConfig, WorldTokenizer, build_world, load_model
 from behemoth_interp.errors import BehemothError, CheckpointMismatch, CorruptFile
-from behemoth_interp.evaluate import evaluate_facts
+from behemoth_interp.evaluate import accuracy_by_format, evaluate_facts
+from behemoth_interp.grammar import TEMPLATES
 from behemoth_interp.model import (
     PRESETS,
     ModelConfig,
@@ -24,7 +25,9 @@ from behemoth_interp.model import (
 from behemoth_interp.train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-SHIPPED = ("independent", "correlated", "nested")
+SHIPPED = ("independent", "correlated", "nested", "independent-formats")
+# shipped models trained on every grammar template (data/models/README.md)
+SHIPPED_FORMATS = ("independent-formats",)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +166,18 @@ def test_shipped_model_knows_its_world(name):
     x = torch.as_tensor(np.concatenate([[[tok.eot_id]] * 64, render_paper(world, tok)[:64]], 1))
     with torch.no_grad():
         assert (hooked(x) - hf(input_ids=x).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", SHIPPED_FORMATS)
+def test_shipped_formats_model_knows_every_relation_in_every_format(name):
+    """A model shipped to answer paraphrases and MCQ scores >= 95% on every relation in every
+    grammar template (the paper's robustness questions need it before any edit)."""
+    hf, world, tok = load_hf(DATA / "models" / name)
+    table = accuracy_by_format(hf, world, tok)
+    assert list(table.columns) == list(TEMPLATES)
+    per_relation = table.drop(index="all")
+    assert len(per_relation) == world.n_relations
+    assert per_relation.min().min() >= 0.95, per_relation.min().to_dict()
 
 
 # ------------------------------------------------------------------ a checkpoint knows its world
