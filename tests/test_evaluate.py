@@ -11,6 +11,7 @@ import torch
 
 from behemoth_interp import WorldConfig, WorldTokenizer, evaluate_facts, load_hf
 from behemoth_interp.errors import CheckpointMismatch, Diverged
+from behemoth_interp.evaluate import object_distribution
 from behemoth_interp.world import World
 
 
@@ -134,3 +135,22 @@ def test_fact_scores_run_each_tuple_once_and_equal_evaluate_facts(micro):
         assert calls and (scores(wrong).rank > 0).all()
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("template", ["paper", "relation_first"])
+def test_object_distribution_is_each_objects_teacher_forced_probability(micro, template):
+    """Every object's probability from the prefix rows equals scoring that object as the
+    answer (evaluate_facts), and the mass on objects is at most 1."""
+    hf, world, tok = micro
+    facts = world.facts()[:: max(1, len(world.facts()) // 5)][:5]
+    dist = object_distribution(hf, world, tok, facts, template=template)
+    n = world.config.n_objects
+    assert dist.shape == (len(facts), n)
+    for i, f in enumerate(facts):
+        every = np.repeat(f[None], n, 0)
+        every[:, 2] = np.arange(n)
+        want = evaluate_facts(hf, world, tok, every, template=template).logp
+        assert np.allclose(dist[i], want, atol=1e-5)
+    assert (np.exp(dist).sum(1) <= 1 + 1e-6).all()
+    if template == "paper":  # the micro model knows every tuple in the template it learned
+        assert (dist.argmax(1) == facts[:, 2]).all()

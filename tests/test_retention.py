@@ -219,8 +219,18 @@ def test_retention_run_writes_its_directory_and_reads_back(edited_micro, tmp_pat
     assert again.settings["edited_sha256"] == parameters_sha256(edited_micro.model)
     facts = again.facts_dataframe()
     assert set(facts.set) == {"edited", "intrinsic"} and facts.p_target.between(0, 1).all()
+    # where the probability sits: the four kinds of object cover it all, for every fact
+    kinds = facts[["p_target", "p_original", "p_related", "p_other"]].fillna(0)
+    assert np.allclose(kinds.sum(1), 1) and (kinds >= 0).all().all()
+    top = result.top_objects(0)
+    assert len(top) == 3 * len(result.history) and set(top.kind) <= {"target", "original",
+                                                                     "related", "other"}  # fmt: skip
+    first = top[(top.step == 0) & (top["rank"] == 1)].iloc[0]
+    edited0 = facts[(facts.step == 0) & (facts.set == "edited")].iloc[0]
+    assert first.kind == "target" and first.probability == pytest.approx(edited0.p_target)
     fig = result.plot()
-    assert len(fig.data) == 4 and "n = 1 edited, 2 intrinsic" in fig.layout.annotations[0].text
+    # retention of both sets; edited: 4 kinds; intrinsic: 3 (no original object)
+    assert len(fig.data) == 9 and "n = 1 edited, 2 intrinsic" in fig.layout.annotations[0].text
     with pytest.raises(OutputExists):
         retention(edited_micro, out=out, config=config)
     # the same run again gives the same answers, bit for bit
@@ -243,6 +253,7 @@ def _retention_spec(model, **retention) -> dict:
 
 def test_a_sweep_fine_tunes_every_edit_downstream(micro_checkpoint, tmp_path):
     from behemoth_interp.sweep import SweepResult, SweepSpec, expand, run_sweep
+    from behemoth_interp.sweep.retention import DISTRIBUTION_COLUMNS, retention_rows
 
     spec = SweepSpec.from_dict(_retention_spec(micro_checkpoint))
     assert SweepSpec.from_dict(spec.to_dict()) == spec
@@ -275,6 +286,13 @@ def test_a_sweep_fine_tunes_every_edit_downstream(micro_checkpoint, tmp_path):
                                                    seed=run.seed, freeze_blocks=(1,)))  # fmt: skip
     stored = record["retention"][1]
     assert {k: stored[k] for k in direct.summary()} == direct.summary()
+    # and its Figure 4 end points are the direct run's last evaluation (to float rounding:
+    # the sweep's worker runs on another number of threads; measured 1e-7 apart)
+    last = direct.to_dataframe().query("step == step.max()").set_index("set")
+    row = retention_rows([record]).iloc[1]
+    assert row.edited_p_related == pytest.approx(last.loc["edited", "p_related"], abs=1e-5)
+    assert row.intrinsic_p_other == pytest.approx(last.loc["intrinsic", "p_other"], abs=1e-5)
+    assert table[list(DISTRIBUTION_COLUMNS)].notna().all().all()
 
 
 @pytest.mark.parametrize(("retention", "match"), [

@@ -38,5 +38,13 @@ def retention_page(result: RetentionResult, *, run: RunInfo | None = None) -> Pa
     ends = facts[facts.step.isin([0, facts.step.max()])]
     page.section("Each fact, before and after", "rank 0 is predicted; p_target is the "
                  "probability of the object it should say, p_original (edited facts) that of "
-                 "its object before the edit.", ends)  # fmt: skip
+                 "its object before the edit, p_related that of the relation's other objects, "
+                 "p_other the rest (tokens that start no object).", ends)  # fmt: skip
+    if all("top" in e["track"]["edited"] for e in result.history):
+        top = result.top_objects(0)
+        page.section("The first edited fact's most probable objects", "At every evaluation "
+                     "(the retention paper's Table 2, exact): which objects the model says, "
+                     "with their probability and kind (target: the edit's new object; "
+                     "original: the one before it; related: another object of the relation).",
+                     top)  # fmt: skip
     return page

@@ -17,9 +17,12 @@ import numpy as np
 
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import InvalidArgument, check_int, check_range
-from behemoth_interp.evaluate import evaluate_facts
+from behemoth_interp.evaluate import evaluate_facts, object_distribution
 from behemoth_interp.tokenizer import WorldTokenizer
 from behemoth_interp.world import World
+
+# the most probable objects a retention record keeps per fact and evaluation
+TOP = 3
 
 
 @dataclass(frozen=True)
@@ -41,18 +44,35 @@ class RetentionSet:
     def score(self, model) -> dict[str, Any]:
         """`model`'s per-fact answers, JSON-able: for the edited facts the rank and log-probability
         of the new object and the log-probability of the original one, for the intrinsic facts
-        the rank and log-probability of the true object (what a downstream fine-tune tracks;
-        the model's world is not checked: a fine-tune records its downstream world)."""
+        the rank and log-probability of the true object; for both, `p_related` (the probability
+        of the relation's other candidate objects: the paper's related-term tokens) and `top`
+        (the `TOP` most probable objects as [object, probability]: its Table 2). What a downstream fine-tune
+        tracks; the model's world is not checked (a fine-tune records its downstream world)."""
         before = self.edited.copy()
         before[:, 2] = self.original
         n, m = len(self.edited), len(self.intrinsic)
+        tok = WorldTokenizer(self.world.config)
         # one batched pass over the three sets (their prompts share prefixes)
-        acc = evaluate_facts(model, self.world, WorldTokenizer(self.world.config),
+        acc = evaluate_facts(model, self.world, tok,
                              np.concatenate([self.edited, self.intrinsic, before]),
                              world_check=False)  # fmt: skip
         rank, logp = acc.rank.tolist(), acc.logp.tolist()
-        return {"edited": {"rank": rank[:n], "logp": logp[:n], "logp_original": logp[n + m:]},
-                "intrinsic": {"rank": rank[n : n + m], "logp": logp[n : n + m]}}  # fmt: skip
+        facts = np.concatenate([self.edited, self.intrinsic])
+        dist = object_distribution(model, self.world, tok, facts)
+        p = np.exp(dist)
+        related = np.zeros_like(p, dtype=bool)
+        for r in np.unique(facts[:, 1]):
+            rows = np.flatnonzero(facts[:, 1] == r)
+            related[np.ix_(rows, self.world.candidate_objects(int(r)))] = True
+        related[np.arange(n + m), facts[:, 2]] = False
+        related[np.arange(n), self.original] = False
+        mass = np.where(related, p, 0.0).sum(1).tolist()
+        top = np.argsort(-dist, axis=1, kind="stable")[:, :TOP]
+        best = [[[int(o), float(p[i, o])] for o in row] for i, row in enumerate(top)]
+        return {"edited": {"rank": rank[:n], "logp": logp[:n], "logp_original": logp[n + m:],
+                           "p_related": mass[:n], "top": best[:n]},
+                "intrinsic": {"rank": rank[n : n + m], "logp": logp[n : n + m],
+                              "p_related": mass[n:], "top": best[n:]}}  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {"edited": self.edited.tolist(), "original": self.original.tolist(),

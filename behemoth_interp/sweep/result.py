@@ -19,7 +19,7 @@ import pandas as pd
 from behemoth_interp.edit.report import RATE_METRICS
 from behemoth_interp.edit.tasks import TASKS
 from behemoth_interp.errors import InvalidArgument
-from behemoth_interp.sweep.retention import retention_rows
+from behemoth_interp.sweep.retention import DISTRIBUTION_COLUMNS, retention_rows
 from behemoth_interp.sweep.spec import Selection, canonical_json
 from behemoth_interp.sweep.store import Store
 
@@ -150,8 +150,10 @@ class SweepResult:
                           selection: Selection | None = None) -> pd.DataFrame:  # fmt: skip
         """Per cell of the best runs, downstream task and freeze setting: edited and intrinsic
         retention after the fine-tune (means over seeds with percentile bootstrap intervals),
-        `gap` (edited - intrinsic, per seed, then averaged), `seeds`, and `undefined`: seeds
-        whose edit did not take (no edited fact to retain; see `retention_set`)."""
+        `gap` (edited - intrinsic, per seed, then averaged), each set's mean probability by object
+        kind after the fine-tune (`DISTRIBUTION_COLUMNS`: the paper's Figure 4 end points),
+        `seeds`, and `undefined`: seeds whose edit did not take (no edited fact to retain; see
+        `retention_set`)."""
         best = self.best(selection)
         rows = retention_rows(self.records, set(best.key) if len(best) else set())
         if not len(rows):
@@ -166,8 +168,9 @@ class SweepResult:
             ok = g[g.error.isna()]
             row = {k: g[k].iloc[0] for k in [*keys, "downstream", "freeze"]}
             row.update(seeds=ok.seed.nunique(), undefined=int(g.error.notna().sum()))
-            for m in ("edited_retention", "intrinsic_retention", "gap"):
-                mean, lo, hi = bootstrap_mean(ok[m].to_numpy(float), ci=ci, n_boot=n_boot, rng=rng)
+            for m in ("edited_retention", "intrinsic_retention", "gap", *DISTRIBUTION_COLUMNS):
+                x = ok[m].dropna().to_numpy(float)
+                mean, lo, hi = bootstrap_mean(x, ci=ci, n_boot=n_boot, rng=rng)
                 row.update({m: mean, f"{m}_lo": lo, f"{m}_hi": hi})
             out.append(row)
         return pd.DataFrame(out)

@@ -28,6 +28,7 @@ import pandas as pd
 
 from behemoth_interp.errors import BehemothError, InvalidArgument, check_int, check_range
 from behemoth_interp.retention import DOWNSTREAM_TASKS, FINE_TUNE, DownstreamConfig, retention
+from behemoth_interp.retention.result import CATEGORIES
 
 FREEZE_KEYWORDS = ("none", "edited")
 
@@ -146,7 +147,7 @@ def run_retention(result, spec: dict[str, Any], seed: int, edited_blocks) -> lis
             except BehemothError as err:
                 item["error"] = {"type": type(err).__name__, "message": str(err)}
             else:
-                curve = r.to_dataframe()[["step", "set", "retention", "p_target", "p_original"]]
+                curve = r.to_dataframe()[["step", "set", "retention", *CATEGORIES]]
                 item.update(
                     r.summary(), error=None, curve=curve.replace({np.nan: None}).to_dict("records")
                 )
@@ -158,19 +159,40 @@ def _freeze_name(freeze: Any) -> str:
     return freeze if isinstance(freeze, str) else "blocks " + ",".join(map(str, freeze))
 
 
+# the Figure 4 categories a retention row carries for each set, after the fine-tune
+DISTRIBUTION_COLUMNS = tuple(f"{name}_{c}" for name in ("edited", "intrinsic")
+                             for c in CATEGORIES if (name, c) != ("intrinsic", "p_original"))  # fmt: skip
+ROW_COLUMNS = ("key", "downstream", "freeze", "edited_retention", "intrinsic_retention",
+               "n_edited", "n_intrinsic", "steps", "stopped", "error", *DISTRIBUTION_COLUMNS)  # fmt: skip
+
+
 def retention_rows(records: list[dict[str, Any]], keys: set[str] | None = None) -> pd.DataFrame:
     """One row per run (of `keys`, default all) and downstream fine-tune: key, downstream,
-    freeze, edited_retention, intrinsic_retention, n_edited, n_intrinsic, steps, stopped, error."""
+    freeze, edited_retention, intrinsic_retention, n_edited, n_intrinsic, steps, stopped, error,
+    and each set's mean probability by object kind after the fine-tune (`DISTRIBUTION_COLUMNS`,
+    e.g. edited_p_related; NaN in records written before the distribution was kept)."""
     rows = []
     for r in records:
         if keys is not None and r["key"] not in keys:
             continue
         for item in r.get("retention") or []:
             error = item.get("error") or {}
-            rows.append({"key": r["key"], "downstream": item["downstream"], "freeze": item["freeze"],
-                         **{k: item.get(k, np.nan) for k in ("edited_retention", "intrinsic_retention",
-                                                            "n_edited", "n_intrinsic", "steps")},
-                         "stopped": item.get("stopped"), "error": error.get("message")})  # fmt: skip
-    return pd.DataFrame(rows, columns=["key", "downstream", "freeze", "edited_retention",
-                                       "intrinsic_retention", "n_edited", "n_intrinsic", "steps",
-                                       "stopped", "error"])  # fmt: skip
+            row = {"key": r["key"], "downstream": item["downstream"], "freeze": item["freeze"],
+                   **{k: item.get(k, np.nan) for k in ("edited_retention", "intrinsic_retention",
+                                                      "n_edited", "n_intrinsic", "steps")},
+                   "stopped": item.get("stopped"), "error": error.get("message")}  # fmt: skip
+            last = _last_step(item.get("curve") or [])
+            for column in DISTRIBUTION_COLUMNS:
+                name, c = column.split("_", 1)
+                value = last.get(name, {}).get(c)
+                row[column] = np.nan if value is None else value
+            rows.append(row)
+    return pd.DataFrame(rows, columns=list(ROW_COLUMNS))
+
+
+def _last_step(curve: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{set: its curve entry} at the fine-tune's last evaluation."""
+    if not curve:
+        return {}
+    end = max(c["step"] for c in curve)
+    return {c["set"]: c for c in curve if c["step"] == end}
