@@ -4,7 +4,7 @@ import behemoth_interp as bi
 world = bi.World.generate(bi.WorldConfig("nested", n_subjects=1000))
 """
 
-from behemoth_interp.capacity import capacity_search
+from behemoth_interp.capacity import bits_per_parameter, capacity_search
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
 from behemoth_interp.edit import (
     DPO,
@@ -182,6 +182,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "capacity_search",
+    "bits_per_parameter",
     "evaluate_facts",
     "accuracy_by_format",
     "load_hf",

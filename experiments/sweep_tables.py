@@ -11,7 +11,10 @@ own selection rule (the best learning rate per cell on training-time data).
   remaining accuracy, means over seeds with bootstrap intervals;
 - retention (the retention paper's Figure 2 and Table 1): per method, downstream task and freeze
   setting, edited and intrinsic retention after the fine-tune and their gap, means over seeds
-  with bootstrap intervals.
+  with bootstrap intervals;
+- distribution (its Figure 4 end points): per method, downstream task and freeze setting, where
+  each set's probability sits after the fine-tune (the object it should say, the edited facts'
+  original object, the relation's other objects, anything else), means over seeds.
 
     python experiments/sweep_tables.py STORE [--tables blocks,correlation,move_rank,dependents]
 """
@@ -24,8 +27,9 @@ import pandas as pd
 
 import behemoth_interp as bi
 from behemoth_interp.rank import COMPONENTS
+from behemoth_interp.sweep.retention import DISTRIBUTION_COLUMNS
 
-TABLES = ("blocks", "correlation", "move_rank", "dependents", "retention")
+TABLES = ("blocks", "correlation", "move_rank", "dependents", "retention", "distribution")
 
 
 def blocks_table(result: bi.SweepResult) -> str:
@@ -91,7 +95,7 @@ def dependents_table(result: bi.SweepResult) -> str:
     table = result.summary(metrics)
     rows = []
     for _, r in table.iterrows():
-        row = {"model": str(r.model).rsplit("/", 1)[-1], "task": r.task, "method": r.variant,
+        row = {"model": _model(r.model), "task": r.task, "method": r.variant,
                "blocks": _blocks(r.blocks), "components": r.components, "seeds": r.seeds}  # fmt: skip
         for m in metrics:
             row[m] = (
@@ -105,8 +109,9 @@ def retention_table(result: bi.SweepResult) -> str:
     table = result.retention_summary()
     rows = []
     for _, r in table.iterrows():
-        row = {"method": r.variant, "blocks": _blocks(r.blocks), "downstream": r.downstream,
-               "frozen": r.freeze, "seeds": r.seeds, "undefined": r.undefined}  # fmt: skip
+        row = {"model": _model(r.model), "method": r.variant, "blocks": _blocks(r.blocks),
+               "downstream": r.downstream, "frozen": r.freeze, "seeds": r.seeds,
+               "undefined": r.undefined}  # fmt: skip
         for m, name in (("edited_retention", "edited"), ("intrinsic_retention", "intrinsic"),
                         ("gap", "edited − intrinsic")):  # fmt: skip
             row[name] = (
@@ -114,6 +119,23 @@ def retention_table(result: bi.SweepResult) -> str:
             )
         rows.append(row)
     return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def distribution_table(result: bi.SweepResult) -> str:
+    table = result.retention_summary()
+    rows = []
+    for _, r in table.iterrows():
+        row = {"model": _model(r.model), "method": r.variant, "downstream": r.downstream,
+               "frozen": r.freeze, "seeds": r.seeds}  # fmt: skip
+        for column in DISTRIBUTION_COLUMNS:
+            name, kind = column.split("_p_")
+            row[f"{name}: {kind}"] = "–" if pd.isna(r[column]) else f"{r[column]:.2f}"
+        rows.append(row)
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def _model(path) -> str:
+    return str(path).rsplit("/", 1)[-1]
 
 
 def _blocks(blocks) -> str:
@@ -137,7 +159,7 @@ def main() -> None:
     print(f"{result!r}; selection: {result.selection.to_dict()}\n")
     makers = {"blocks": blocks_table, "correlation": correlation_table,
               "move_rank": move_rank_tables, "dependents": dependents_table,
-              "retention": retention_table}  # fmt: skip
+              "retention": retention_table, "distribution": distribution_table}  # fmt: skip
     for name in a.tables.split(","):
         print(f"## {name}\n\n{makers[name](result)}\n")
 

@@ -8,7 +8,7 @@ import pytest
 
 from behemoth_interp import CorpusConfig, WorldConfig
 from behemoth_interp import capacity as capacity_module
-from behemoth_interp.capacity import RECORD, capacity_search
+from behemoth_interp.capacity import RECORD, bits_per_parameter, capacity_search
 from behemoth_interp.errors import InvalidArgument
 from behemoth_interp.train import TrainConfig
 
@@ -59,3 +59,15 @@ def test_a_record_of_other_settings_is_refused(tmp_path):
     capacity_search(**SEARCH, iterations=1, workdir=tmp_path)
     with pytest.raises(InvalidArgument, match="other settings"):
         capacity_search(**{**SEARCH, "target": 0.5}, iterations=1, workdir=tmp_path)
+
+
+def test_bits_per_parameter_is_the_papers_estimate():
+    """Behemoth section 4.5: 29 bits (17 + 3 + 9) x 120,000 subjects x 6 relations, about 21
+    million bits, over Pythia-31M's parameters is 0.65 bits per parameter."""
+    paper = WorldConfig(n_subjects=120_000, n_relations=6, n_objects=400)
+    assert bits_per_parameter(paper, 32_000_000) == pytest.approx(29 * 720_000 / 32e6)
+    assert round(bits_per_parameter(paper, 32_000_000), 2) == 0.65
+    small = WorldConfig(n_subjects=400, n_relations=6, n_objects=400)
+    assert bits_per_parameter(small, 4_806_144) == pytest.approx(21 * 2400 / 4_806_144)
+    with pytest.raises(InvalidArgument, match="n_parameters"):
+        bits_per_parameter(small, 0)
