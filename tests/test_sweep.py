@@ -381,8 +381,12 @@ def test_the_committed_specs_are_valid_and_count_as_documented():
     every = ("general", "new_facts", "classification", "instruction")
     assert retention == {"retention-quick": (18, every, ("none",)),
                          "retention-remedies-quick": (18, ("general",), ("none", "edited")),
+                         "retention-remedies-classification-quick": (18, ("classification",),
+                                                                     ("none", "edited")),
                          "retention-paper": (100, every, ("none", "edited")),
-                         "retention-remedies-paper": (60, ("general",), ("none", "edited"))}  # fmt: skip
+                         "retention-remedies-paper": (60, ("general",), ("none", "edited")),
+                         "retention-remedies-classification-paper": (60, ("classification",),
+                                                                     ("none", "edited"))}  # fmt: skip
 
 
 def test_reproduce_runs_every_spec_resumes_and_guards_its_directory(micro_checkpoint, tmp_path):

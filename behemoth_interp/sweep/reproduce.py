@@ -29,7 +29,7 @@ SPECS = ROOT / "experiments" / "sweeps"
 PAPERS = {
     "behemoth": ("figure4-single", "figure4-forget", "figure7-lora", "figure8-correlated",
                  "dependents"),
-    "retention": ("retention", "retention-remedies"),
+    "retention": ("retention", "retention-remedies", "retention-remedies-classification"),
 }  # fmt: skip
 """Each paper's figures, by the stem of their spec files (`<stem>-<scale>.yaml`)."""
 SCALES = ("quick", "paper")
