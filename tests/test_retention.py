@@ -221,7 +221,7 @@ def test_retention_run_writes_its_directory_and_reads_back(edited_micro, tmp_pat
     assert set(facts.set) == {"edited", "intrinsic"} and facts.p_target.between(0, 1).all()
     # where the probability sits: the four kinds of object cover it all, for every fact
     kinds = facts[["p_target", "p_original", "p_related", "p_other"]].fillna(0)
-    assert np.allclose(kinds.sum(1), 1) and (kinds >= 0).all().all()
+    assert np.allclose(kinds.sum(axis=1), 1) and (kinds >= 0).all().all()
     top = result.top_objects(0)
     assert len(top) == 3 * len(result.history) and set(top.kind) <= {"target", "original",
                                                                      "related", "other"}  # fmt: skip
