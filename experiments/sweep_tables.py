@@ -98,9 +98,7 @@ def dependents_table(result: bi.SweepResult) -> str:
         row = {"model": _model(r.model), "task": r.task, "method": r.variant,
                "blocks": _blocks(r.blocks), "components": r.components, "seeds": r.seeds}  # fmt: skip
         for m in metrics:
-            row[m] = (
-                "–" if pd.isna(r[m]) else f"{r[m]:.3f} [{r[f'{m}_lo']:.3f}, {r[f'{m}_hi']:.3f}]"
-            )
+            row[m] = _interval(r, m, 3)
         rows.append(row)
     return pd.DataFrame(rows).to_markdown(index=False)
 
@@ -114,9 +112,7 @@ def retention_table(result: bi.SweepResult) -> str:
                "undefined": r.undefined}  # fmt: skip
         for m, name in (("edited_retention", "edited"), ("intrinsic_retention", "intrinsic"),
                         ("gap", "edited − intrinsic")):  # fmt: skip
-            row[name] = (
-                "–" if pd.isna(r[m]) else f"{r[m]:.2f} [{r[f'{m}_lo']:.2f}, {r[f'{m}_hi']:.2f}]"
-            )
+            row[name] = _interval(r, m, 2)
         rows.append(row)
     return pd.DataFrame(rows).to_markdown(index=False)
 
@@ -132,6 +128,14 @@ def distribution_table(result: bi.SweepResult) -> str:
             row[f"{name}: {kind}"] = "–" if pd.isna(r[column]) else f"{r[column]:.2f}"
         rows.append(row)
     return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def _interval(row, metric: str, digits: int) -> str:
+    """'mean [lo, hi]' of a summary row's metric, or '–' where it is undefined."""
+    if pd.isna(row[metric]):
+        return "–"
+    lo, mean, hi = (row[f"{metric}_lo"], row[metric], row[f"{metric}_hi"])
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def _model(path) -> str:
