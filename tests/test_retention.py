@@ -175,6 +175,25 @@ def test_margin_and_log_probability_are_the_models(micro_checkpoint):
         assert acc.logp[i] == pytest.approx(want, abs=1e-5)
 
 
+def test_scores_are_the_teacher_forced_log_probabilities(micro_checkpoint):
+    """The edited facts' new and original objects and the intrinsic facts' objects score as
+    evaluate_facts scores them, the original ones read from the object distribution."""
+    hf, world, tok = bi.load_hf(micro_checkpoint)
+    facts = world.facts(bi.EditTask.draw(world, "single", seed=0).relation)[[0, 5, 9, 11]]
+    edited = facts[:2].copy()
+    edited[:, 2] = (edited[:, 2] + 1) % world.config.n_objects
+    sets = RetentionSet(world, edited, facts[:2, 2], facts[2:], np.ones(2), np.ones(2), 0.1, 0)
+    got = sets.score(hf)
+    for name, rows in (("edited", edited), ("intrinsic", facts[2:])):
+        want = bi.evaluate_facts(hf, world, tok, rows)
+        assert got[name]["rank"] == want.rank.tolist()
+        assert np.allclose(got[name]["logp"], want.logp, atol=1e-5)
+    before = bi.evaluate_facts(hf, world, tok, facts[:2]).logp
+    assert np.allclose(got["edited"]["logp_original"], before, atol=1e-5)
+    total = np.exp(got["edited"]["logp"]) + np.exp(got["edited"]["logp_original"])
+    assert (total + np.asarray(got["edited"]["p_related"]) <= 1 + 1e-6).all()
+
+
 def test_a_no_op_edit_retains_exactly_as_the_intrinsic_facts(micro_checkpoint, tmp_path):
     """The same true facts in both roles (what a no-op edit leaves): the two sets' answers are
     equal at every evaluation of a downstream fine-tune, so nothing but the facts tells them apart."""

@@ -48,16 +48,13 @@ class RetentionSet:
         of the relation's other candidate objects: the paper's related-term tokens) and `top`
         (the `TOP` most probable objects as [object, probability]: its Table 2). What a downstream fine-tune
         tracks; the model's world is not checked (a fine-tune records its downstream world)."""
-        before = self.edited.copy()
-        before[:, 2] = self.original
         n, m = len(self.edited), len(self.intrinsic)
         tok = WorldTokenizer(self.world.config)
-        # one batched pass over the three sets (their prompts share prefixes)
-        acc = evaluate_facts(model, self.world, tok,
-                             np.concatenate([self.edited, self.intrinsic, before]),
-                             world_check=False)  # fmt: skip
-        rank, logp = acc.rank.tolist(), acc.logp.tolist()
         facts = np.concatenate([self.edited, self.intrinsic])
+        # one batched pass over both sets for the ranks (their prompts share prefixes); every
+        # object's log-probability, the original objects' included, comes from the distribution
+        acc = evaluate_facts(model, self.world, tok, facts, world_check=False)
+        rank, logp = acc.rank.tolist(), acc.logp.tolist()
         dist = object_distribution(model, self.world, tok, facts)
         p = np.exp(dist)
         related = np.zeros_like(p, dtype=bool)
@@ -69,7 +66,8 @@ class RetentionSet:
         mass = np.where(related, p, 0.0).sum(1).tolist()
         top = np.argsort(-dist, axis=1, kind="stable")[:, :TOP]
         best = [[[int(o), float(p[i, o])] for o in row] for i, row in enumerate(top)]
-        return {"edited": {"rank": rank[:n], "logp": logp[:n], "logp_original": logp[n + m:],
+        original = dist[np.arange(n), self.original].tolist()
+        return {"edited": {"rank": rank[:n], "logp": logp[:n], "logp_original": original,
                            "p_related": mass[:n], "top": best[:n]},
                 "intrinsic": {"rank": rank[n : n + m], "logp": logp[n : n + m],
                               "p_related": mass[n:], "top": best[n:]}}  # fmt: skip
