@@ -22,9 +22,10 @@ from behemoth_interp.errors import BehemothError, InvalidArgument
 from behemoth_interp.evaluate import accuracy_by_format, evaluate_facts
 from behemoth_interp.grammar import TEMPLATES, render
 from behemoth_interp.model import load_hf
+from behemoth_interp.oracle import DEFAULT_CACHE, oracle, oracle_path
 from behemoth_interp.report import Page, RunInfo, check_plotly_js
 from behemoth_interp.retention.downstream import FINE_TUNE
-from behemoth_interp.train import TrainConfig, train
+from behemoth_interp.train import TRAIN_LOG, TrainConfig, train
 from behemoth_interp.world import SPACE_NAMES, WorldConfig
 
 app = typer.Typer(
@@ -534,6 +535,32 @@ def parse_settings(items: list[str]) -> dict[str, object]:
         except ValueError:
             out[key.strip()] = value
     return out
+
+
+@app.command("oracle")
+def oracle_cmd(
+    model_dir: Path = typer.Argument(..., help="A checkpoint written by `train`."),
+    task: str = typer.Option("single", help="single, ten_same, ten_different or forget."),
+    relation: int = typer.Option(0, help="The base relation the task edits."),
+    n: int = typer.Option(10, help="Tuples of ten_same / ten_different."),
+    seed: int = typer.Option(0, help="Seed of the task (as `edit --seed`)."),
+    cache: Path = typer.Option(DEFAULT_CACHE, help="Where oracles are kept (see data/oracles)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+) -> None:
+    """The exact oracle of a task drawn as `edit` draws it: the checkpoint's recipe and seed
+    trained from scratch on the world the edit makes, or read from --cache when trained before;
+    prints where it is and how far the unedited checkpoint is from it."""
+    from behemoth_interp.edit import EditTask, oracle_distance
+
+    hf, world, _ = load_hf(model_dir)
+    drawn = EditTask.draw(world, task, seed=seed, relation=relation, n=n, correct=hf)
+    path = oracle_path(model_dir, drawn, cache)
+    cached = (path / "model" / TRAIN_LOG).is_file()
+    truth = oracle(model_dir, drawn, cache=cache, device=device, progress=not cached)
+    d = oracle_distance(hf, truth.to("cpu"), drawn)
+    typer.echo(f"{drawn!r}: oracle {'read from' if cached else 'trained into'} {path}")
+    typer.echo(f"the unedited checkpoint agrees with it on {d['agreement']:.4f} of the tuples "
+               f"(KL {d['kl']:.4f})")  # fmt: skip
 
 
 @app.command("retention")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from behemoth_interp import EditTask, evaluate_edit, load_hf, oracle, oracle_path
+from behemoth_interp.cli import app
 from behemoth_interp.edit import oracle_distance
 from behemoth_interp.errors import MissingInput
 
@@ -48,6 +50,12 @@ def test_an_oracle_knows_the_edit_and_scores_itself_perfectly(micro, micro_check
     again = oracle(micro_checkpoint, task, cache=tmp_path)
     for a, b in zip(truth.parameters(), again.parameters()):
         assert torch.equal(a, b)
+    # the command line draws the same task and finds it there
+    shown = CliRunner().invoke(app, ["oracle", str(micro_checkpoint), "--task", "single",
+                                     "--seed", "3", "--cache", str(tmp_path)])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert f"oracle read from {oracle_path(micro_checkpoint, task, tmp_path)}" in shown.output
+    assert f"agrees with it on {far['agreement']:.4f} of the tuples" in shown.output
 
 
 def test_an_oracle_needs_a_training_recipe(micro, tmp_path):
