@@ -9,7 +9,14 @@ import torch
 
 import behemoth_interp as bi
 from behemoth_interp.errors import InvalidArgument
-from behemoth_interp.residual import RelearnConfig, neighbourhood_scores, neighbours, relearn
+from behemoth_interp.residual import (
+    BatteryConfig,
+    RelearnConfig,
+    neighbourhood_scores,
+    neighbours,
+    relearn,
+    residual_knowledge,
+)
 
 ATTACK = RelearnConfig()
 """The default attack: 20 steps of 16 at 3e-4. Measured on the micro model with seeds 0 and 1
@@ -92,3 +99,41 @@ def test_neighbours_are_the_edits_untouched_near_facts(forget):
         "accuracy": [1.0, 1.0],
         "edit_error": [0.0, 0.0],
     }  # the unedited model knows them all
+
+
+QUICK = BatteryConfig(attack=RelearnConfig(steps=2), krs_settings=("coefficients",),
+                      krs_windows=(1,), krs_prompts=8, neighbours=50)  # fmt: skip
+
+
+def test_the_battery_of_an_unedited_model_finds_nothing_removed(forget):
+    hf, task, truth = forget
+    result = residual_knowledge(hf, task, before=hf, oracle=truth, config=QUICK)
+    df = result.to_dataframe().set_index(["part", "metric"])
+    assert df.loc[("edit", "forget rate"), "value"] == 0.0
+    assert df.loc[("edit", "maintain"), "value"] == df.loc[("edit", "maintain"), "before"]
+    assert result.krs is None and "nothing" in result.undefined["krs"]
+    assert result.latent is None and "probe" in result.undefined["latent"]
+    assert not df["value"].isna().any()
+    assert set(df.index.get_level_values("part")) >= {"edit", "oracle", "neighbourhood", "relearn"}
+    assert BatteryConfig.from_dict(QUICK.to_dict()) == QUICK
+    assert result.plot().data
+
+
+def test_the_battery_of_an_unlearning_run_measures_every_part(forget, micro_checkpoint):
+    hf, task, truth = forget
+    edited = bi.edit(hf, task, objective="gradient_ascent", lr=1e-3, evaluate=False).model
+    probes = bi.probe(bi.load_model(micro_checkpoint), relation=task.relation, seed=0)
+    result = residual_knowledge(edited, task, before=hf, oracle=truth, probes=probes,
+                                config=QUICK)  # fmt: skip
+    assert not result.undefined
+    df = result.to_dataframe().set_index(["part", "metric"])
+    assert df.loc[("edit", "forget rate"), "value"] > 0.0
+    assert set(df.index.get_level_values("part")) == {
+        "edit",
+        "oracle",
+        "neighbourhood",
+        "relearn",
+        "latent",
+        "krs",
+    }
+    assert np.isfinite(df["value"]).all()

@@ -4,11 +4,14 @@ than hid it at the output (Mechanistic Unlearning; Dissecting Fine-Tuning Unlear
 - `relearn`: the relearning attack, scored on tuples it never trained on, against a model that
   never knew them;
 - `neighbourhood`: the facts near an edit that it must leave alone, and whether they now
-  answer the edit's object.
+  answer the edit's object;
+- `battery`: all of it, with latent-knowledge probes and KRS, as one `ResidualKnowledge`.
 """
 
+from behemoth_interp.residual.battery import BatteryConfig, ResidualKnowledge, residual_knowledge
 from behemoth_interp.residual.neighbourhood import NEIGHBOURHOODS, neighbourhood_scores, neighbours
 from behemoth_interp.residual.relearn import SPLITS, RelearnConfig, RelearnResult, relearn
 
-__all__ = ["NEIGHBOURHOODS", "SPLITS", "RelearnConfig", "RelearnResult", "neighbourhood_scores",
-           "neighbours", "relearn"]  # fmt: skip
+__all__ = ["NEIGHBOURHOODS", "SPLITS", "BatteryConfig", "RelearnConfig", "RelearnResult",
+           "ResidualKnowledge", "neighbourhood_scores", "neighbours", "relearn",
+           "residual_knowledge"]  # fmt: skip
