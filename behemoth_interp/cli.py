@@ -18,7 +18,7 @@ from behemoth_interp._io import is_report
 from behemoth_interp.capacity import capacity_search
 from behemoth_interp.corpus import Corpus, CorpusConfig, build_world, load_world
 from behemoth_interp.edit import METHODS, OBJECTIVES
-from behemoth_interp.errors import BehemothError, InvalidArgument
+from behemoth_interp.errors import BehemothError, InvalidArgument, check_int
 from behemoth_interp.evaluate import accuracy_by_format, evaluate_facts
 from behemoth_interp.grammar import TEMPLATES, render
 from behemoth_interp.model import load_hf
@@ -621,6 +621,66 @@ def retention_cmd(
                    + ("" if s["stopped"] is None else f" (stopped: {s['stopped']})"))  # fmt: skip
         typer.echo(f"retention: edited {s['edited_retention']:.3f} (n={s['n_edited']}), "
                    f"intrinsic {s['intrinsic_retention']:.3f} (n={s['n_intrinsic']})")  # fmt: skip
+
+
+@app.command("residual")
+def residual_cmd(
+    ctx: typer.Context,
+    edited_dir: Path = typer.Argument(
+        ..., help="An edited checkpoint (`edit --out`), which records its task."
+    ),
+    before: Path = typer.Option(..., "--before", help="The unedited checkpoint it was made from."),
+    out: Path = typer.Option(..., "--out", help="The report page to write (.html)."),
+    oracle_cache: Optional[Path] = typer.Option(
+        None,
+        "--oracle",
+        help="Oracle cache: add the distance to the task's oracle and attack it as the "
+        "never-knew baseline (trained there if missing: a full training run).",
+    ),
+    probes: bool = typer.Option(True, help="Fit probes on --before and read latent knowledge."),
+    attack_steps: int = typer.Option(20, help="Relearning attack steps (0: no attack)."),
+    krs: bool = typer.Option(True, help="Knowledge recovery (the four settings, windows 1, 3)."),
+    max_remaining: Optional[int] = typer.Option(
+        500, help="Unchanged tuples scored for maintain accuracy."
+    ),
+    seed: int = typer.Option(0, help="Seed of every sample and of the attack."),
+    offline: bool = typer.Option(False, "--offline", help=OFFLINE_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out page."),
+) -> None:
+    """Is the knowledge removed or hidden? The residual-knowledge battery of an edited
+    checkpoint against its original, as a report page."""
+    from behemoth_interp.edit.report import EDIT_REPORT, EditReport, load_edited
+    from behemoth_interp.model import check_world, load_model
+    from behemoth_interp.probe import probe
+    from behemoth_interp.report import residual_page
+    from behemoth_interp.residual import BatteryConfig, RelearnConfig, residual_knowledge
+
+    if out.suffix != ".html":
+        raise InvalidArgument(f"--out is the report page: name a .html file, got {out}")
+    check_int("attack_steps", attack_steps, 0)
+    attack = RelearnConfig(steps=attack_steps, seed=seed) if attack_steps else None
+    config = BatteryConfig(max_remaining=max_remaining, attack=attack, seed=seed,
+                           **({} if krs else {"krs_settings": ()}))  # fmt: skip
+    with claim(out, force, offline=offline):
+        edited, task = load_edited(edited_dir)
+        original, world, _ = load_hf(before)
+        check_world(original, task.world)
+        truth = None
+        if oracle_cache is not None:
+            truth = oracle(before, task, cache=oracle_cache, progress=True).to("cpu")
+        fitted = None
+        if probes:
+            exclude = () if task.kind == "forget" else task.facts[:, 0]
+            fitted = probe(load_model(before), task.relation, exclude=exclude, seed=seed)
+        settings = EditReport.load(edited_dir / EDIT_REPORT).settings
+        result = residual_knowledge(edited, task, before=original, oracle=truth, probes=fitted,
+                                    settings=settings, config=config)  # fmt: skip
+        info = run_info(ctx, checkpoint=edited_dir, world=world)
+        residual_page(result, run=info).write(out, offline=offline)
+    typer.echo(f"wrote {out}")
+    typer.echo(result.to_dataframe().to_string(index=False))
+    for part, why in result.undefined.items():
+        typer.echo(f"{part}: {why}")
 
 
 @app.command("restore")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import behemoth_interp as bi
+from behemoth_interp.cli import app
 from behemoth_interp.errors import InvalidArgument
 from behemoth_interp.residual import (
     BatteryConfig,
@@ -119,9 +121,10 @@ def test_the_battery_of_an_unedited_model_finds_nothing_removed(forget):
     assert result.plot().data
 
 
-def test_the_battery_of_an_unlearning_run_measures_every_part(forget, micro_checkpoint):
+def test_the_battery_of_an_unlearning_run_measures_every_part(forget, micro_checkpoint, tmp_path):
     hf, task, truth = forget
-    edited = bi.edit(hf, task, objective="gradient_ascent", lr=1e-3, evaluate=False).model
+    unlearned = bi.edit(hf, task, objective="gradient_ascent", lr=1e-3, evaluate=False)
+    edited = unlearned.model
     probes = bi.probe(bi.load_model(micro_checkpoint), relation=task.relation, seed=0)
     result = residual_knowledge(edited, task, before=hf, oracle=truth, probes=probes,
                                 config=QUICK)  # fmt: skip
@@ -137,3 +140,14 @@ def test_the_battery_of_an_unlearning_run_measures_every_part(forget, micro_chec
         "krs",
     }
     assert np.isfinite(df["value"]).all()
+    # the command line: the same battery as a report page, from the saved edit
+    unlearned.save(tmp_path / "edited")
+    page = tmp_path / "residual.html"
+    args = ["residual", str(tmp_path / "edited"), "--before", str(micro_checkpoint), "--out",
+            str(page), "--attack-steps", "2", "--no-krs", "--no-probes"]  # fmt: skip
+    shown = CliRunner().invoke(app, args)
+    assert shown.exit_code == 0, shown.output
+    assert "Residual knowledge after finetune" in page.read_text()
+    assert "krs: not run" in shown.output and "latent: no probes" in shown.output
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "--force" in str(again.exception)

@@ -14,9 +14,9 @@ from transformers import GPTNeoXForCausalLM
 
 from behemoth_interp._io import read_json, write_dir, write_json
 from behemoth_interp.edit.tasks import EditTask
-from behemoth_interp.errors import InvalidArgument
+from behemoth_interp.errors import InvalidArgument, MissingInput
 from behemoth_interp.evaluate import FactScores
-from behemoth_interp.model import write_checkpoint
+from behemoth_interp.model import load_hf, write_checkpoint
 
 EDIT_REPORT = "edit_report.json"
 EDIT_TASK = "edit_task.json"
@@ -49,6 +49,19 @@ class EditResult:
                                                    **self.task.to_dict()}))  # fmt: skip
 
         return write_dir(Path(out), fill, overwrite=overwrite)
+
+
+def load_edited(path: str | Path) -> tuple[GPTNeoXForCausalLM, EditTask]:
+    """The edited HF model in a directory written by `EditResult.save` (or `behemoth-interp
+    edit --out`) and the task it records."""
+    path = Path(path)
+    if not (path / EDIT_TASK).is_file():
+        raise MissingInput(
+            f"{path} has no {EDIT_TASK}: give an edited checkpoint (EditResult.save, or "
+            "`behemoth-interp edit ... --out DIR`), which records its task"
+        )
+    model, world, _ = load_hf(path)
+    return model, EditTask.from_dict(read_json(path / EDIT_TASK, what="edit task"), world)
 
 
 RATE_METRICS = ("success_top1", "success_top2", "success_top1_all", "forget_rate",

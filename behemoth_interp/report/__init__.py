@@ -1,5 +1,5 @@
 """Report pages: one builder (`Page`) for every command that writes HTML, and the pages of
-trace, probe, restoration, edit and retention results, one module each.
+trace, probe, restoration, edit, retention and residual-knowledge results, one module each.
 
 `report_page(result, ...)` picks the page of a result by its type (the `PAGES` registry), so
 a notebook writes any result's report as the command line does:
@@ -25,6 +25,7 @@ from behemoth_interp.report.page import (
     write_plotly_js,
 )
 from behemoth_interp.report.probe import probe_page
+from behemoth_interp.report.residual import residual_page
 from behemoth_interp.report.restore import restore_page
 from behemoth_interp.report.retention import retention_page
 from behemoth_interp.report.trace import trace_page
@@ -35,12 +36,14 @@ PAGES: dict[str, Callable[..., Page]] = {
     "KRSResult": restore_page,
     "EditReport": edit_page,
     "RetentionResult": retention_page,
+    "ResidualKnowledge": residual_page,
 }
 """The page of each result type, by the type's name."""
 
 
 def report_page(result: Any, **kwargs: Any) -> Page:
-    """The report page of `result` (a trace, probe, KRS, edit or retention result); `kwargs` go to its
+    """The report page of `result` (a trace, probe, KRS, edit, retention or
+    residual-knowledge result); `kwargs` go to its
     page function (e.g. `run=RunInfo.of(model)`)."""
     name = type(result).__name__
     if name not in PAGES:
@@ -62,6 +65,7 @@ __all__ = [
     "report_page",
     "plotly_js_name",
     "probe_page",
+    "residual_page",
     "restore_page",
     "retention_page",
     "signed_heatmap",

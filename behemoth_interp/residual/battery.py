@@ -151,15 +151,17 @@ def residual_knowledge(
     before: GPTNeoXForCausalLM,
     oracle: GPTNeoXForCausalLM | None = None,
     probes: ProbeResult | None = None,
+    settings: dict[str, Any] | None = None,
     config: BatteryConfig = BatteryConfig(),
 ) -> ResidualKnowledge:
     """Run the battery on `edited`, an edit of `task` of the unedited model `before` (both HF
     models of the task's world). `oracle` (`bi.oracle`) adds the distance to it and is the
     relearning attack's never-knew baseline; `probes` (`bi.probe` on `before`) add latent
-    knowledge. Returns a `ResidualKnowledge`."""
+    knowledge; `settings` (the edit's, e.g. `EditResult.report.settings`) name its method.
+    Returns a `ResidualKnowledge`."""
     w, seed = task.world, config.seed
     undefined: dict[str, str] = {}
-    report = evaluate_edit(edited, task, before=before, oracle=oracle,
+    report = evaluate_edit(edited, task, before=before, oracle=oracle, settings=settings,
                            max_remaining=config.max_remaining, seed=seed)  # fmt: skip
     near = neighbourhood_scores(edited, task, before=before, limit=config.neighbours, seed=seed)
     if near.empty:

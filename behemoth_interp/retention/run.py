@@ -23,10 +23,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 from behemoth_interp._io import check_output, output_lock, read_json, write_json
-from behemoth_interp.edit.report import EDIT_TASK, EditResult
-from behemoth_interp.edit.tasks import EditTask
+from behemoth_interp.edit.report import EditResult, load_edited
 from behemoth_interp.errors import InvalidArgument, MissingInput
-from behemoth_interp.model import is_checkpoint, load_hf, parameters_sha256
+from behemoth_interp.model import is_checkpoint, parameters_sha256
 from behemoth_interp.retention.downstream import DownstreamConfig, downstream
 from behemoth_interp.retention.result import RetentionResult
 from behemoth_interp.retention.sets import retention_set
@@ -102,13 +101,7 @@ def _edited(source: EditResult | Path):
         if source.task is None:
             raise InvalidArgument("this EditResult has no task: build it with edit()")
         return source.model, source.task
-    if not (source / EDIT_TASK).is_file():
-        raise MissingInput(
-            f"{source} has no {EDIT_TASK}: give an edited checkpoint (EditResult.save, or "
-            "`behemoth-interp edit ... --out DIR`), which records its task"
-        )
-    model, world, _ = load_hf(source)
-    return model, EditTask.from_dict(read_json(source / EDIT_TASK, what="edit task"), world)
+    return load_edited(source)
 
 
 def _start(out: Path, settings: dict, resuming: bool) -> None:
