@@ -290,6 +290,8 @@ def test_a_sweep_fine_tunes_every_edit_downstream(micro_checkpoint, tmp_path):
     table = result.retention_summary()
     assert len(table) == 4 and (table.seeds + table.undefined == 2).all()
     assert table.edited_retention.between(0, 1).all()
+    result.records.reverse()  # a store read in another order summarizes the same
+    assert result.retention_summary().equals(table)
     fig = result.retention()
     assert len(fig.data) == 4 and "frozen: edited" in fig.data[0].x[1]
     # the record's fine-tune with the edited block frozen is the direct call's, number for number

@@ -10,6 +10,7 @@ happens here, on stored raw runs, so one store can be re-aggregated under anothe
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pandas as pd
 from behemoth_interp.edit.report import RATE_METRICS
 from behemoth_interp.edit.tasks import TASKS
 from behemoth_interp.errors import InvalidArgument
+from behemoth_interp.retention.downstream import DOWNSTREAM_TASKS
 from behemoth_interp.sweep.retention import DISTRIBUTION_COLUMNS, retention_rows
 from behemoth_interp.sweep.spec import Selection, canonical_json
 from behemoth_interp.sweep.store import Store
@@ -162,9 +164,19 @@ class SweepResult:
         keys = list(SUMMARY_KEYS)
         df = rows.merge(best[[*keys, "key", "seed"]], on="key")
         df["gap"] = df.edited_retention - df.intrinsic_retention
-        rng = np.random.default_rng(seed)
+        # cells in a fixed order (downstream tasks in theirs, nothing frozen first), each
+        # bootstrapped with its own seeded draws: a cell's interval does not depend on what
+        # else the store holds or the order it is read in
+        order = {name: i for i, name in enumerate(DOWNSTREAM_TASKS)}
+        df = df.assign(
+            _task=df.downstream.map(order),
+            _freeze=df.freeze.map(str),
+            _frozen=df.freeze.map(lambda f: {"none": 0, "edited": 1}.get(str(f), 2)),
+        )
+        df = df.sort_values(["cell", "_task", "_frozen", "_freeze", "seed"], kind="stable")
         out = []
-        for _, g in df.groupby(["cell", "downstream", "freeze"], sort=False):
+        for (cell, task, freeze), g in df.groupby(["cell", "downstream", "_freeze"], sort=False):
+            rng = np.random.default_rng([seed, zlib.crc32(f"{cell}|{task}|{freeze}".encode())])
             ok = g[g.error.isna()]
             row = {k: g[k].iloc[0] for k in [*keys, "downstream", "freeze"]}
             row.update(seeds=ok.seed.nunique(), undefined=int(g.error.notna().sum()))
