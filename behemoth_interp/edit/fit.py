@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Bool
+from torch import Tensor
 
 from behemoth_interp.edit.datasets import EditDataset
 from behemoth_interp.edit.objectives import Batch, Objective
 from behemoth_interp.edit.tasks import EditTask
-from behemoth_interp.errors import Diverged
+from behemoth_interp.errors import Diverged, InvalidArgument
 from behemoth_interp.grammar import OBJECT, render
 from behemoth_interp.tokenizer import WorldTokenizer
 
@@ -23,12 +26,14 @@ def finetune(
     objective: Objective, lr: float, steps: int | None, epochs: int, batch_size: int,
     weight_decay: float, seed: int, general: EditDataset | None = None,
     reference: torch.nn.Module | None = None,
+    masks: Mapping[str, Bool[Tensor, "..."]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """AdamW on `data`, training only the parameters `names` of `model` (an HF model, or its peft
     wrapper) to minimize `objective`; in place. `general` is the general data of objectives
     with an SFT term (one batch of it per step, cycled), `reference` the frozen unedited model
-    for objectives that need one (a copy of `model` as it is now when not given). A non-finite
-    loss or weight raises `Diverged`. Returns the steps taken and the final loss."""
+    for objectives that need one (a copy of `model` as it is now when not given). `masks`
+    limits some of `names` to their True entries (a head's slices of a fused matrix). A
+    non-finite loss or weight raises `Diverged`. Returns the steps taken and the final loss."""
     tok = WorldTokenizer(task.world.config)
     device = next(model.parameters()).device
     x_all, mask_all = object_inputs(task.world, tok, data.facts, data.template, seed, device)
@@ -50,6 +55,7 @@ def finetune(
     for name, p in params.items():
         p.requires_grad_(name in names)
     opt = torch.optim.AdamW([params[n] for n in names], lr=lr, weight_decay=weight_decay)
+    frozen = _frozen_entries(params, names, masks or {})
     per_epoch = math.ceil(len(data) / batch_size)
     total = steps if steps is not None else epochs * per_epoch
     rng = np.random.default_rng([seed, 11])
@@ -72,6 +78,9 @@ def finetune(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        with torch.no_grad():
+            for p, keep, original in frozen:
+                p.copy_(torch.where(keep, p, original))
         losses.append(loss.item())
     model.eval()
     for p in model.parameters():
@@ -81,6 +90,25 @@ def finetune(
             f"the edit diverged: trained weights are NaN or infinite (lr {lr:g}): lower lr"
         )
     return {"steps": total, "final_loss": float(np.mean(losses[-max(1, per_epoch // 10) :]))}
+
+
+def _frozen_entries(
+    params: dict[str, Tensor], names: list[str], masks: Mapping[str, Tensor]
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(parameter, mask, its values now) of every masked parameter: what each step puts back
+    outside the mask, since AdamW's decoupled weight decay moves every entry of a trained
+    tensor, even those whose gradient is zero."""
+    out = []
+    for name, mask in masks.items():
+        if name not in names or mask.shape != params[name].shape:
+            raise InvalidArgument(
+                f"mask for {name!r} must be over a trained parameter of its shape "
+                f"{tuple(params[name].shape) if name in params else '(none)'}, got "
+                f"{tuple(mask.shape)}: mask only parameters in `names`"
+            )
+        p = params[name]
+        out.append((p, mask.to(p.device), p.detach().clone()))
+    return out
 
 
 def _general_batch(inputs, step: int, batch_size: int):

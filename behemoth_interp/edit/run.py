@@ -18,6 +18,7 @@ from behemoth_interp.edit.report import EditReport, EditResult
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import CheckpointMismatch, InvalidArgument, WrongType, check_int
 from behemoth_interp.evaluate import FactScores, evaluate_facts
+from behemoth_interp.localize.localization import ComponentSet
 from behemoth_interp.model import check_world, hooked_in_world, load_hf
 from behemoth_interp.tokenizer import WorldTokenizer
 
@@ -29,6 +30,7 @@ def edit(
     method: str = "finetune",
     blocks=None,
     components: str | tuple[str, ...] | None = None,
+    localization: ComponentSet | None = None,
     config=None,
     mode: str | None = None,
     objective=None,
@@ -44,6 +46,8 @@ def edit(
     registered method (`bi.METHODS`: 'finetune', 'lora', 'rome', 'memit', 'alphaedit').
 
     blocks, components: where the method may edit (None: its default; Behemoth section 5).
+    localization: instead, the components the fine-tuning methods may edit (a `ComponentSet`,
+    down to single heads for 'finetune'); recorded with its parameter count in the settings.
     config: the method's config (`FinetuneConfig`, `LoraConfig`, `RomeConfig`, ...; `rome=` is
     the same for 'rome'); `options` override its fields by name (lr=, steps=, rank=, v_lr=,
     ...), and for the fine-tuning methods the fields of the objective (beta=, alpha=, ...).
@@ -71,6 +75,13 @@ def edit(
         blocks is None and k in fields and k not in ("objective", "data"))}  # fmt: skip
     if early:
         config = m.config_from(config, early)
+    if localization is not None:
+        if "localization" not in fields:
+            raise InvalidArgument(
+                f"method {method!r} edits where its own settings say: localization= is for "
+                "'finetune' and 'lora'"
+            )
+        config = m.config_from(config, {"localization": localization})
     where, config = m.where(before, blocks, components, config)
     config = _configure(m, config, objective, weights, options)
     after = copy.deepcopy(before)
@@ -81,6 +92,10 @@ def edit(
         after, info = _sequential(m, after, task, where, config, seed, max_remaining)
     settings = {"method": method, "mode": mode, **where.to_dict(), "config": config.to_dict(),
                 "seed": seed, **info, "seconds": time.perf_counter() - started}  # fmt: skip
+    located = config.localization if "localization" in fields else None
+    if located is not None:
+        settings["localization"] = located.to_dict()
+        settings["localization_parameters"] = located.n_parameters(before)
     scores = None
     if evaluate:
         scores = FactScores(after, task.world, world_check=False)

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import torch
 from transformers import GPTNeoXForCausalLM
 
-from behemoth_interp.edit.methods.finetune import FinetuneConfig, train_on_task
-from behemoth_interp.edit.registry import Method, Where, register
+from behemoth_interp.edit.methods.finetune import FinetuneConfig, Localizable, train_on_task
+from behemoth_interp.edit.registry import Where, register
 from behemoth_interp.edit.selection import lora_modules
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import InvalidArgument, check_int, check_range
@@ -33,20 +33,34 @@ class LoraConfig(FinetuneConfig):
 
 
 @register
-class Lora(Method):
+class Lora(Localizable):
     """peft LoRA on `query_key_value`, `dense` (attention) and `dense_h_to_4h`, `dense_4h_to_h`
-    (MLP) of the selected blocks; the adapters are merged back, so the result is a plain model
-    whose weights moved by a rank-`rank` product per adapted matrix."""
+    (MLP) of the selected blocks, or of a localization's whole MLPs and attentions; the
+    adapters are merged back, so the result is a plain model whose weights moved by a
+    rank-`rank` product per adapted matrix."""
 
     name: ClassVar[str] = "lora"
     Config: ClassVar[type] = LoraConfig
+
+    def where(self, hf: GPTNeoXForCausalLM, blocks, components, config) -> tuple[Where, Any]:
+        where, config = super().where(hf, blocks, components, config)
+        heads = [] if config is None or config.localization is None else [
+            c.name for c in config.localization if c.kind == "head"]  # fmt: skip
+        if heads:
+            raise InvalidArgument(
+                f"LoRA adapts whole linear layers, so it cannot edit single heads {heads}: use "
+                "method='finetune' for a head-level localization"
+            )
+        return where, config
 
     def apply(self, hf: GPTNeoXForCausalLM, task: EditTask, where: Where, config, *, seed: int,
               memory: dict) -> tuple[GPTNeoXForCausalLM, dict[str, Any]]:  # fmt: skip
         from peft import LoraConfig as PeftLora
         from peft import get_peft_model
 
-        modules = lora_modules(hf, where.blocks, where.components)
+        located = config.localization
+        modules = lora_modules(hf, where.blocks, where.components) if located is None else [
+            m for c in located for m in lora_modules(hf, [c.layer], c.kind)]  # fmt: skip
         limit = {m: min(hf.get_submodule(m).weight.shape) for m in modules}
         if config.rank > min(limit.values()):
             worst = min(limit, key=limit.get)
