@@ -61,6 +61,18 @@ from behemoth_interp.hooks import (
     resolve_sites,
     swap_params,
 )
+from behemoth_interp.localize import (
+    COMPONENT_KINDS,
+    LOCALIZATIONS,
+    Component,
+    ComponentSet,
+    all_mlps,
+    from_flu,
+    from_trace,
+    nonlocalized,
+    random_components,
+    random_mlps,
+)
 from behemoth_interp.model import (
     PRESETS,
     ModelConfig,
@@ -89,6 +101,16 @@ from behemoth_interp.report import (
     restore_page,
     retention_page,
     trace_page,
+)
+from behemoth_interp.residual import (
+    BatteryConfig,
+    RelearnConfig,
+    RelearnResult,
+    ResidualKnowledge,
+    neighbourhood_scores,
+    neighbours,
+    relearn,
+    residual_knowledge,
 )
 from behemoth_interp.restore import KRSResult, RestoreConfig, restore, window_layers
 from behemoth_interp.retention import (
@@ -142,9 +164,27 @@ __all__ = [
     "ProbeConfig",
     "ProbeResult",
     "flu_layers",
+    "COMPONENT_KINDS",
+    "LOCALIZATIONS",
+    "Component",
+    "ComponentSet",
+    "all_mlps",
+    "from_flu",
+    "from_trace",
+    "nonlocalized",
+    "random_components",
+    "random_mlps",
     "latent_knowledge",
     "probe",
     "KRSResult",
+    "BatteryConfig",
+    "RelearnConfig",
+    "RelearnResult",
+    "ResidualKnowledge",
+    "neighbourhood_scores",
+    "neighbours",
+    "relearn",
+    "residual_knowledge",
     "Page",
     "RunInfo",
     "edit_page",
