@@ -35,6 +35,7 @@ from behemoth_interp.edit import (
     edit_dataset,
     evaluate_edit,
     key_covariance,
+    oracle_distance,
     select_lr,
     training_scores,
 )
@@ -133,6 +134,7 @@ from behemoth_interp.world import Fact, World, WorldConfig
 __all__ = [
     "DPO",
     "oracle",
+    "oracle_distance",
     "oracle_path",
     "METHODS",
     "MODES",

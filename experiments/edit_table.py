@@ -9,6 +9,9 @@ continues with --resume), and the markdown tables are printed at the end.
 
     python experiments/edit_table.py --seeds 3 --csv edit_table.csv [--resume]
     python experiments/edit_table.py --objectives --seeds 3 --csv objectives.csv [--epochs 10]
+
+With --oracle CACHE (the shipped data/oracles), forget rows add each edited model's distance to
+the forget task's exact oracle (`bi.oracle`, trained there if it is not yet).
 """
 
 from __future__ import annotations
@@ -59,19 +62,25 @@ DETERMINISTIC = ("rome", "memit", "alphaedit")
 no seeded randomness: one run stands for all seeds there."""
 
 
-def run_cell(hf, world, task, kwargs: dict, seed: int, criterion: str) -> dict:
+def run_cell(hf, world, task, kwargs: dict, seed: int, criterion: str, truth=None) -> dict:
+    """One edit (the best of `select_lr` for the fine-tuning methods) and its table columns;
+    with `truth`, the task's oracle, the edited model's distance to it."""
     start = time.perf_counter()
     method = kwargs["method"]
     if method in LRS:
         search = bi.select_lr(hf, task, lrs=LRS[method], seed=seed, criterion=criterion,
                               **kwargs)  # fmt: skip
-        report, lr = search.best.report, search.best_lr
+        result, lr = search.best, search.best_lr
     else:
-        report, lr = bi.edit(hf, task, seed=seed, **kwargs).report, None
+        result, lr = bi.edit(hf, task, seed=seed, **kwargs), None
+    report = result.report
     split = {}
     if criterion == "forget":
         split = dict(zip(("forget_trained", "forget_heldout"),
-                         forget_split(search.best.scores, task, kwargs)))  # fmt: skip
+                         forget_split(result.scores, task, kwargs)))  # fmt: skip
+    if truth is not None:
+        distance = bi.oracle_distance(result.model, truth, task)
+        split |= {"oracle_agreement": distance["agreement"], "oracle_kl": distance["kl"]}
     paraphrase = [report.template_success[t] for t in PARAPHRASES]
     paraphrase_before = [report.template_before[t] for t in PARAPHRASES]
     return {"seed": seed, "lr": lr, "success": report.success_top1,
@@ -124,7 +133,7 @@ def markdown(df: pd.DataFrame, first: str, columns: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-DIGITS = {"remaining": 4, "edit_seconds": 1}
+DIGITS = {"remaining": 4, "oracle_agreement": 4, "edit_seconds": 1}
 EDIT_COLUMNS = {"success": "success", "remaining": "remaining", "paraphrase": "paraphrase",
                 "paraphrase_before": "(before)", "mcq": "MCQ", "mcq_before": "(before)",
                 "edit_seconds": "s / edit"}  # fmt: skip
@@ -139,6 +148,16 @@ FORGET_COLUMNS = {"forget_rate": "forget rate", "success": "→ object 0",
                   "paraphrase_before": "(before)", "mcq": "MCQ → 0", "mcq_before": "(before)",
                   "edit_seconds": "s / edit"}  # fmt: skip
 
+ORACLE_COLUMNS = {"oracle_agreement": "oracle agreement", "oracle_kl": "oracle KL"}
+"""The share of the changed world's tuples where the edited model's argmax agrees with the
+oracle's at every object token, and the mean KL(oracle || edited) there (`oracle_distance`)."""
+
+
+def with_oracle(columns: dict[str, str], df: pd.DataFrame) -> dict[str, str]:
+    """`columns` and, when the rows were scored against an oracle, its distance."""
+    scored = df.get("oracle_agreement", pd.Series(dtype=float)).notna().any()
+    return columns | ORACLE_COLUMNS if scored else columns
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -150,6 +169,8 @@ def main() -> None:
     p.add_argument("--csv", type=Path, required=True, help="rows, written as they finish")
     p.add_argument("--resume", action="store_true", help="skip the rows already in --csv")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--oracle", type=Path, default=None,
+                   help="oracle cache: forget rows add the distance to the task's oracle")  # fmt: skip
     p.add_argument(
         "--epochs",
         type=int,
@@ -180,7 +201,11 @@ def main() -> None:
             if seed and kind == "forget" and kwargs["method"] in DETERMINISTIC:
                 continue
             task = bi.EditTask.draw(world, kind, seed=seed, n=TASK_N.get(kind, 10), correct=hf)
-            row = {"task": kind, "name": name, **run_cell(hf, world, task, kwargs, seed, criterion)}
+            truth = None
+            if a.oracle is not None and kind == "forget":
+                truth = bi.oracle(a.model, task, cache=a.oracle)
+            row = {"task": kind, "name": name,
+                   **run_cell(hf, world, task, kwargs, seed, criterion, truth)}  # fmt: skip
             rows.append(row)
             pd.DataFrame(rows).to_csv(a.csv, index=False)
             print(f"{kind:<14} {name:<16} seed {seed}: success {row['success']:.3f} forget "
@@ -188,7 +213,7 @@ def main() -> None:
                   f"({row['seconds']:.0f} s)", flush=True)  # fmt: skip
     df = pd.DataFrame(rows)
     if a.objectives:
-        print(markdown(df, "objective", OBJECTIVE_COLUMNS))
+        print(markdown(df, "objective", with_oracle(OBJECTIVE_COLUMNS, df)))
     else:
         edits = df[df.task != "forget"]
         columns = dict(EDIT_COLUMNS)
@@ -197,7 +222,8 @@ def main() -> None:
         if len(edits):
             print(markdown(edits, "task · method", columns))
         if (df.task == "forget").any():
-            print(markdown(df[df.task == "forget"], "task · method", FORGET_COLUMNS))
+            forget = df[df.task == "forget"]
+            print(markdown(forget, "task · method", with_oracle(FORGET_COLUMNS, forget)))
 
 
 if __name__ == "__main__":
