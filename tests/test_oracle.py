@@ -6,12 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import SHIPPED_MODELS
 from typer.testing import CliRunner
 
 from behemoth_interp import EditTask, evaluate_edit, load_hf, oracle, oracle_path
 from behemoth_interp.cli import app
 from behemoth_interp.edit import oracle_distance
 from behemoth_interp.errors import MissingInput
+from behemoth_interp.evaluate import evaluate_facts
+
+SHIPPED_ORACLES = SHIPPED_MODELS.parent / "oracles"
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +71,18 @@ def test_an_oracle_needs_a_training_recipe(micro, tmp_path):
     edit(hf, task, steps=1, evaluate=False).save(edited)
     with pytest.raises(MissingInput, match="an oracle repeats the checkpoint's training"):
         oracle(edited, task, cache=tmp_path / "cache")
+
+
+def test_the_shipped_forget_oracle_is_found_and_knows_the_changed_world():
+    """data/oracles holds the oracle of the shipped independent model's forget task: found
+    under the key bi.oracle computes, it answers object 0 on every tuple of r0 and knows every
+    other fact (top-1 on every tuple of the changed world)."""
+    model = SHIPPED_MODELS / "independent"
+    hf, world, tok = load_hf(model)
+    task = EditTask.draw(world, "forget", correct=hf)
+    path = oracle_path(model, task, SHIPPED_ORACLES)
+    assert (path / "model" / "model.safetensors").is_file(), path
+    truth, changed, _ = load_hf(path / "model")
+    assert changed == world.with_objects(task.facts, task.targets)
+    assert evaluate_facts(truth, changed, tok).accuracy == 1.0
+    assert (changed.objects_of(task.facts[:, 0], task.facts[:, 1]) == 0).all()
