@@ -262,6 +262,9 @@ def format_accuracy(summary: dict[str, float]) -> str:
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "models"
 
 
+EDITED_DIR = typer.Argument(
+    ..., help="An edited checkpoint (`edit --out`), which records its task."
+)
 OFFLINE_HELP = "Put plotly.js inside the page (one file to share; 4.8 MB more)."
 
 
@@ -566,9 +569,7 @@ def oracle_cmd(
 @app.command("retention")
 def retention_cmd(
     ctx: typer.Context,
-    edited_dir: Path = typer.Argument(
-        ..., help="An edited checkpoint (`edit --out`), which records its task."
-    ),
+    edited_dir: Path = EDITED_DIR,
     out: Path = typer.Option(..., "--out", help="Directory for the run and its result."),
     downstream: str = typer.Option(
         "general", help="Downstream task: general, new_facts, classification or instruction."
@@ -626,9 +627,7 @@ def retention_cmd(
 @app.command("residual")
 def residual_cmd(
     ctx: typer.Context,
-    edited_dir: Path = typer.Argument(
-        ..., help="An edited checkpoint (`edit --out`), which records its task."
-    ),
+    edited_dir: Path = EDITED_DIR,
     before: Path = typer.Option(..., "--before", help="The unedited checkpoint it was made from."),
     out: Path = typer.Option(..., "--out", help="The report page to write (.html)."),
     oracle_cache: Optional[Path] = typer.Option(
