@@ -649,7 +649,7 @@ def residual_cmd(
     """Is the knowledge removed or hidden? The residual-knowledge battery of an edited
     checkpoint against its original, as a report page."""
     from behemoth_interp.edit.report import EDIT_REPORT, EditReport, load_edited
-    from behemoth_interp.model import check_world, load_model
+    from behemoth_interp.model import check_world, hooked_in_world
     from behemoth_interp.probe import probe
     from behemoth_interp.report import residual_page
     from behemoth_interp.residual import BatteryConfig, RelearnConfig, residual_knowledge
@@ -670,7 +670,8 @@ def residual_cmd(
         fitted = None
         if probes:
             exclude = () if task.kind == "forget" else task.facts[:, 0]
-            fitted = probe(load_model(before), task.relation, exclude=exclude, seed=seed)
+            fitted = probe(hooked_in_world(original, world), task.relation, exclude=exclude,
+                           seed=seed)  # fmt: skip
         settings = EditReport.load(edited_dir / EDIT_REPORT).settings
         result = residual_knowledge(edited, task, before=original, oracle=truth, probes=fitted,
                                     settings=settings, config=config)  # fmt: skip

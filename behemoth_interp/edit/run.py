@@ -94,7 +94,6 @@ def edit(
                 "seed": seed, **info, "seconds": time.perf_counter() - started}  # fmt: skip
     located = config.localization if "localization" in fields else None
     if located is not None:
-        settings["localization"] = located.to_dict()
         settings["localization_parameters"] = located.n_parameters(before)
     scores = None
     if evaluate:

@@ -16,7 +16,7 @@ from transformers import GPTNeoXForCausalLM
 
 from behemoth_interp._io import JsonConfig
 from behemoth_interp.errors import InvalidArgument, check_int
-from behemoth_interp.localize.components import Component
+from behemoth_interp.localize.components import COMPONENT_KINDS, Component
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class ComponentSet(JsonConfig):
     @property
     def kinds(self) -> tuple[str, ...]:
         """The kinds of component it holds ('mlp', 'attn', 'head'), each once."""
-        return tuple(k for k in ("mlp", "attn", "head") if any(c.kind == k for c in self))
+        return tuple(k for k in COMPONENT_KINDS if any(c.kind == k for c in self))
 
     def check(self, hf: GPTNeoXForCausalLM) -> None:
         """Raise `InvalidArgument` unless every candidate exists in `hf`."""
@@ -104,10 +104,6 @@ class ComponentSet(JsonConfig):
                 # components do not overlap, so only heads of one block share a tensor
                 merged[name] = mask if name not in merged else mask | merged[name]
         return {name: merged[name] for name, _ in hf.named_parameters() if name in merged}
-
-    def parameter_names(self, hf: GPTNeoXForCausalLM) -> list[str]:
-        """Names of the HF parameters with at least one entry a component owns."""
-        return list(self.masks(hf))
 
     def n_parameters(self, hf: GPTNeoXForCausalLM) -> int:
         """How many weights of `hf` the components own: what an edit restricted to them trains."""

@@ -174,20 +174,23 @@ def residual_knowledge(
                                 "needs some to train on and others to score")  # fmt: skip
     else:
         attack = relearn(edited, task, config=config.attack, baseline=oracle)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before.parameters(), edited.parameters()))
+    run_krs = bool(config.krs_settings) and not unchanged
+    # both the probes and KRS read the edited model as a HookedTransformer: convert it once
+    hooked = hooked_in_world(edited, w) if probes is not None or run_krs else None
     latent = None
     if probes is None:
         undefined["latent"] = "no probes given: fit bi.probe on the unedited model and pass them"
     else:
-        latent = latent_knowledge(probes, edited, task)
+        latent = latent_knowledge(probes, hooked, task)
     krs = None
-    unchanged = all(torch.equal(a, b) for a, b in zip(before.parameters(), edited.parameters()))
     if not config.krs_settings:
         undefined["krs"] = "not run (no krs_settings)"
     elif unchanged:
         undefined["krs"] = ("undefined: the edited model has the unedited model's parameters, "
                             "so restoring them recovers nothing of nothing")  # fmt: skip
     else:
-        krs = restore(hooked_in_world(before, w), hooked_in_world(edited, w), task,
+        krs = restore(hooked_in_world(before, w), hooked, task,
                       settings=config.krs_settings, windows=config.krs_windows,
                       n_prompts=config.krs_prompts, seed=seed)  # fmt: skip
     return ResidualKnowledge(report, near, attack, latent, krs, undefined, config)

@@ -34,6 +34,7 @@ def neighbours(
     spaces = {int(r): w.object_space(int(r)) for r in np.unique(w.facts()[:, 1])}
     row_space = np.array([spaces[r] for r in keep[:, 1].tolist()])
     tokens = tok.entity_tokens("subject", np.arange(w.config.n_subjects))
+    kept_tokens = tokens[keep[:, 0]]
     rng = np.random.default_rng([seed, 43])
     out = {}
     for kind in NEIGHBOURHOODS:
@@ -42,7 +43,7 @@ def neighbours(
             if kind == "same_subject":
                 near = (keep[:, 0] == s) & (keep[:, 1] != r) & (row_space == spaces[r])
             else:
-                shares = np.isin(tokens[keep[:, 0]], tokens[s]).any(1)
+                shares = np.isin(kept_tokens, tokens[s]).any(1)
                 near = (keep[:, 1] == r) & (keep[:, 0] != s) & shares
             near &= keep[:, 2] != new
             rows.append(np.flatnonzero(near))
@@ -60,19 +61,23 @@ def neighbourhood_scores(
     """One row per non-empty neighbourhood: its size, `accuracy` (top-1 on the true objects)
     and `edit_error` (the lure top-1 at every object token) of `model`, and of `before` (the
     unedited model) when given, in columns `accuracy_before` and `edit_error_before`."""
-    tok = WorldTokenizer(task.world.config)
-    records = []
-    for kind, (facts, lure) in neighbours(task, limit=limit, seed=seed).items():
-        if not len(facts):
-            continue
+    near = {k: v for k, v in neighbours(task, limit=limit, seed=seed).items() if len(v[0])}
+    if not near:
+        return pd.DataFrame.from_records([])
+    # one pass per model over every neighbour and its lure, split by kind afterwards
+    rows = []
+    for facts, lure in near.values():
         lured = facts.copy()
         lured[:, 2] = lure
-        row = {"neighbourhood": kind, "n": len(facts)}
-        for suffix, m in (("", model), ("_before", before)):
-            if m is None:
-                continue
-            top = evaluate_facts(m, task.world, tok, np.concatenate([facts, lured])).top(1)
-            row |= {f"accuracy{suffix}": float(top[: len(facts)].mean()),
-                    f"edit_error{suffix}": float(top[len(facts) :].mean())}  # fmt: skip
-        records.append(row)
+        rows += [facts, lured]
+    ends = np.cumsum([len(r) for r in rows])[:-1]
+    records = [{"neighbourhood": kind, "n": len(facts)} for kind, (facts, _) in near.items()]
+    tok = WorldTokenizer(task.world.config)
+    for suffix, m in (("", model), ("_before", before)):
+        if m is None:
+            continue
+        top = np.split(evaluate_facts(m, task.world, tok, np.concatenate(rows)).top(1), ends)
+        for row, right, lured in zip(records, top[::2], top[1::2]):
+            row |= {f"accuracy{suffix}": float(right.mean()),
+                    f"edit_error{suffix}": float(lured.mean())}  # fmt: skip
     return pd.DataFrame.from_records(records)
