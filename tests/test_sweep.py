@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,54 @@ def test_paraphrases_are_a_sweep_axis(micro_checkpoint):
     assert got == [("finetune", 0), ("finetune", 5), ("rome", 0), ("rome", 2)]
 
 
+def test_localizations_are_a_sweep_axis(micro_checkpoint, tmp_path):
+    """Each localization is built once per model and relation, matched ones to their target's
+    parameter count, and every run is the direct `bi.edit(..., localization=)` call."""
+    located = [{"source": "trace", "k": 2, "trace": "attribution"},
+               {"source": "random", "match": "trace", "seed": 3}, "all_mlps"]  # fmt: skip
+    spec = SweepSpec.from_dict(tiny_spec(micro_checkpoint, localizations=located, methods=[
+        {"method": "finetune", "grid": {"lr": [3e-3]}}]))  # fmt: skip
+    assert SweepSpec.from_dict(spec.to_dict()) == spec
+    run_sweep(spec, tmp_path / "store", executor="local", progress=False)
+    df = SweepResult.load(tmp_path / "store").to_dataframe().set_index("localization")
+    assert sorted(df.index) == ["all_mlps", "random", "trace"] and (df.status == "ok").all()
+    hf, world, _ = bi.load_hf(micro_checkpoint)
+    assert df.n_parameters["all_mlps"] == bi.all_mlps(hf).n_parameters(hf)
+    biggest = max(c.n_parameters(hf) for c in bi.nonlocalized(hf).components)
+    assert abs(df.n_parameters["random"] - df.n_parameters["trace"]) < biggest
+    task = bi.EditTask.draw(world, "single", seed=0, correct=hf)
+    for r in Store.open(tmp_path / "store", create=False).records():
+        loc = bi.ComponentSet.from_dict(r["run"]["method"]["config"]["localization"])
+        direct = bi.edit(hf, task, localization=loc, lr=3e-3, seed=0)
+        expected = jsonable(direct.report.to_dict())
+        expected["settings"].pop("seconds")
+        assert r["report"] == expected
+
+
+def test_the_battery_is_a_sweep_axis(micro_checkpoint, tmp_path):
+    """Each run's battery is `bi.residual_knowledge` of its edit; a missing oracle is an
+    undefined part naming the command that trains it, never a silent training run."""
+    battery = {"attack": {"steps": 2}, "krs_settings": [], "neighbours": 50,
+               "oracle": str(tmp_path / "oracles")}  # fmt: skip
+    spec = SweepSpec.from_dict(tiny_spec(micro_checkpoint, battery=battery, blocks=[[0, 1]],
+                                         tasks=[{"kind": "ten_same", "n": 4}], methods=[
+        {"method": "finetune", "grid": {"lr": [3e-3]}}]))  # fmt: skip
+    assert SweepSpec.from_dict(spec.to_dict()) == spec
+    run_sweep(spec, tmp_path / "store", executor="local", progress=False)
+    (record,) = Store.open(tmp_path / "store", create=False).records()
+    assert "behemoth-interp oracle" in record["battery"]["undefined"]["oracle"]
+    hf, world, _ = bi.load_hf(micro_checkpoint)
+    task = bi.EditTask.draw(world, "ten_same", n=4, seed=0, correct=hf)
+    edited = bi.edit(hf, task, blocks=[0, 1], components="mlp", lr=3e-3, seed=0)
+    config = bi.BatteryConfig(neighbours=50, krs_settings=(), attack=bi.RelearnConfig(steps=2))
+    direct = bi.residual_knowledge(edited.model, task, before=hf, config=config,
+                                   settings=edited.report.settings).to_dataframe()  # fmt: skip
+    summary = SweepResult.load(tmp_path / "store").battery_summary()
+    assert summary.metric.tolist() == direct.metric.tolist() and (summary.seeds == 1).all()
+    assert summary.value.to_numpy() == pytest.approx(direct.value.to_numpy(), abs=0)
+    assert "relearn" in set(summary.part)
+
+
 @pytest.mark.parametrize(
     "change, field",
     [
@@ -142,11 +191,29 @@ def test_paraphrases_are_a_sweep_axis(micro_checkpoint):
         ({"seeds": []}, "seeds"),
         ({"select": {"criterion": "best"}}, "select.criterion"),
         ({"methods": [{"method": "rome", "blocks": [[0, 1]]}]}, "methods[0]"),
+        ({"localizations": ["nope"]}, "localizations.source"),
+        ({"localizations": ["random"]}, "localizations (random)"),
+        ({"localizations": [{"source": "all_mlps", "k": 2}]}, "localizations (all_mlps)"),
+        ({"localizations": [{"source": "random", "match": "flu"}]}, "localizations (random).match"),
+        (
+            {
+                "localizations": [
+                    {"source": "random", "match": "x", "name": "y"},
+                    {"source": "random", "match": "y", "name": "x"},
+                ]
+            },
+            "circular",
+        ),
+        ({"localizations": ["all_mlps", "all_mlps"]}, "used twice"),
+        ({"localizations": ["all_mlps"], "methods": ["rome"]}, "no method of the spec"),
+        ({"battery": {"atack": None}}, "battery.atack"),
+        ({"battery": {"probes": "yes"}}, "battery.probes"),
+        ({"battery": {"neighbours": 0}}, "battery: neighbours"),
     ],
 )
 def test_a_bad_spec_is_refused_before_any_run(micro_checkpoint, tmp_path, change, field):
     out = tmp_path / "store"
-    with pytest.raises(InvalidArgument, match=field.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(InvalidArgument, match=re.escape(field)):
         run_sweep(SweepSpec.from_dict(tiny_spec(micro_checkpoint, **change)),
                   out, executor="local", progress=False)  # fmt: skip
     assert not list(out.glob("runs/*/*.json"))

@@ -27,13 +27,13 @@ from behemoth_interp.sweep.store import Store
 
 BASE_COLUMNS = ("key", "status", "error_type", "error", "model", "model_sha", "distribution",
                 "n_layers", "task", "relation", "n", "seed", "method", "mode", "blocks",
-                "n_blocks", "components", "max_remaining")  # fmt: skip
+                "n_blocks", "components", "localization", "n_parameters", "max_remaining")  # fmt: skip
 CELL_COLUMNS = ("model_sha", "task", "relation", "n", "method", "mode", "blocks", "components",
-                "max_remaining", "config_rest")  # fmt: skip
+                "localization", "max_remaining", "config_rest")  # fmt: skip
 TIMING_COLUMNS = ("run_s", "setup_s", "edit_s", "fit_s", "evaluate_s", "train_eval_s",
-                  "move_rank_s", "retention_s")  # fmt: skip
+                  "move_rank_s", "retention_s", "battery_s")  # fmt: skip
 SUMMARY_KEYS = ("cell", "variant", "model", "model_sha", "task", "method", "blocks", "n_blocks",
-                "components")  # fmt: skip
+                "components", "localization", "n_parameters")  # fmt: skip
 """What a summary row of a cell says it is (`summary`, `retention_summary`)."""
 METRIC_NAMES = {"success_top1": "success", "success_top2": "success (top-2)",
                 "forget_rate": "forget rate", "remaining": "remaining accuracy",
@@ -176,14 +176,33 @@ class SweepResult:
         df = df.sort_values(["cell", "_task", "_frozen", "_freeze", "seed"], kind="stable")
         out = []
         for (cell, task, freeze), g in df.groupby(["cell", "downstream", "_freeze"], sort=False):
-            rng = np.random.default_rng([seed, zlib.crc32(f"{cell}|{task}|{freeze}".encode())])
             ok = g[g.error.isna()]
             row = {k: g[k].iloc[0] for k in [*keys, "downstream", "freeze"]}
             row.update(seeds=ok.seed.nunique(), undefined=int(g.error.notna().sum()))
-            for m in ("edited_retention", "intrinsic_retention", "gap", *DISTRIBUTION_COLUMNS):
-                x = ok[m].dropna().to_numpy(float)
-                mean, lo, hi = bootstrap_mean(x, ci=ci, n_boot=n_boot, rng=rng)
-                row.update({m: mean, f"{m}_lo": lo, f"{m}_hi": hi})
+            metrics = ("edited_retention", "intrinsic_retention", "gap", *DISTRIBUTION_COLUMNS)
+            row.update(_intervals(ok, metrics, f"{cell}|{task}|{freeze}", seed, ci, n_boot))
+            out.append(row)
+        return pd.DataFrame(out)
+
+    def battery_summary(self, *, ci: float = 0.95, n_boot: int = 2000, seed: int = 0,
+                        selection: Selection | None = None) -> pd.DataFrame:  # fmt: skip
+        """Per cell of the best runs and residual-knowledge number (part, metric): its value
+        after the edit and the unedited model's (`before`), means over seeds with percentile
+        bootstrap intervals, and `seeds`; the runs of a spec with a `battery` block."""
+        best = self.best(selection)
+        rows = battery_rows(self.records, set(best.key) if len(best) else set())
+        if not len(rows):
+            raise InvalidArgument("no selected run of this store ran the residual-knowledge "
+                                  "battery: add a battery block to the spec (see "
+                                  "behemoth_interp.sweep.battery)")  # fmt: skip
+        keys = list(SUMMARY_KEYS)
+        df = rows.merge(best[[*keys, "key", "seed"]], on="key")
+        out = []
+        for (cell, part, metric), g in df.groupby(["cell", "part", "metric"], sort=False):
+            row = {k: g[k].iloc[0] for k in [*keys, "part", "metric"]}
+            row["seeds"] = g.seed.nunique()
+            row.update(_intervals(g, ("value", "before"), f"{cell}|{part}|{metric}", seed, ci,
+                                  n_boot))  # fmt: skip
             out.append(row)
         return pd.DataFrame(out)
 
@@ -459,9 +478,13 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "blocks": None if blocks is None else tuple(blocks),
         "n_blocks": len(blocks) if blocks is not None else np.nan,
         "components": _components(comps or method["components"]),
+        # a localized run: the spec's name of its localization and its trainable weights
+        "localization": run.get("localization"),
+        "n_parameters": _num(settings.get("localization_parameters")),
         "max_remaining": run["evaluation"]["max_remaining"],
     }  # fmt: skip
-    row.update({f"config:{k}": v for k, v in _flatten(method["config"]).items()})
+    config = {k: v for k, v in method["config"].items() if k != "localization"}
+    row.update({f"config:{k}": v for k, v in _flatten(config).items()})
     for m in RATE_METRICS:
         row[m] = _num(rep.get(m))
     row["params_changed"] = sum((rep.get("changed") or {}).values()) if rep else np.nan
@@ -523,6 +546,26 @@ def _order(crit, rem, over_values) -> tuple:
         return (1, float(v), "") if isinstance(v, int | float) else (2, 0.0, str(v))
 
     return (high_first(crit), high_first(rem), tuple(small_first(v) for v in over_values))
+
+
+def battery_rows(records: list[dict[str, Any]], keys: set[str] | None = None) -> pd.DataFrame:
+    """One row per run (of `keys`, default all) and residual-knowledge number: key, part,
+    metric, value, before (`ResidualKnowledge.to_dataframe()`, as the record keeps it)."""
+    rows = [{"key": r["key"], **row} for r in records
+            if keys is None or r["key"] in keys for row in (r.get("battery") or {}).get("rows", [])]  # fmt: skip
+    df = pd.DataFrame(rows, columns=["key", "part", "metric", "value", "before"])
+    return df.astype({"value": float, "before": float})
+
+
+def _intervals(g: pd.DataFrame, metrics, name: str, seed: int, ci: float, n_boot: int) -> dict:
+    """Each metric's mean over the rows of `g` and its bootstrap interval, drawn with a seed of
+    its own (`name`): a group's interval does not depend on what else the store holds."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    out = {}
+    for m in metrics:
+        mean, lo, hi = bootstrap_mean(g[m].dropna().to_numpy(float), ci=ci, n_boot=n_boot, rng=rng)
+        out.update({m: mean, f"{m}_lo": lo, f"{m}_hi": hi})
+    return out
 
 
 def bootstrap_mean(

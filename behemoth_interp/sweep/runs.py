@@ -9,6 +9,7 @@ evaluated — so the same run always has the same key, whichever spec asked for 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,10 +23,13 @@ from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import BehemothError, CheckpointMismatch, InvalidArgument
 from behemoth_interp.evaluate import evaluate_facts
 from behemoth_interp.model import CHECKPOINT_META, file_sha256, load_hf
+from behemoth_interp.sweep.battery import run_oracle
+from behemoth_interp.sweep.localizations import build_localizations
 from behemoth_interp.sweep.spec import (
     SweepSpec,
     block_subsets,
     canonical_json,
+    localizable,
     method_config,
     spec_error,
 )
@@ -41,7 +45,8 @@ class Run:
 
     `task` is `EditTask.to_dict()` of the drawn task (the worker rebuilds it exactly),
     `task_sha256` the hash of its canonical JSON, `task_spec` how it was drawn (kind, relation, n, seed); `config` the method's full config
-    dict; `blocks` and `components` as the method resolves them (`Method.where`)."""
+    dict (with its localization's components, when it edits one); `blocks` and `components` as
+    the method resolves them (`Method.where`); `localization` the spec's name of it."""
 
     model: str
     model_sha256: str
@@ -59,6 +64,8 @@ class Run:
     n_layers: int = 0
     distribution: str = ""
     retention: dict[str, Any] | None = None
+    localization: str | None = None
+    battery: dict[str, Any] | None = None
 
     def identity(self) -> dict[str, Any]:
         """What the key hashes (the model's path is not part of it: its weights are)."""
@@ -70,7 +77,8 @@ class Run:
             "seed": self.seed,
             "evaluation": {"max_remaining": self.max_remaining, "move_rank": self.move_rank,
                            # only when asked for: older runs keep their keys
-                           **({} if self.retention is None else {"retention": self.retention})},
+                           **({} if self.retention is None else {"retention": self.retention}),
+                           **({} if self.battery is None else {"battery": self.battery})},
         }  # fmt: skip
 
     @cached_property
@@ -81,7 +89,8 @@ class Run:
         """The run as its record stores it (without the task's tuples, which its key pins)."""
         return {**self.identity(), "model_path": self.model, "model": self.model_sha256,
                 "task_spec": self.task_spec, "n_layers": self.n_layers,
-                "distribution": self.distribution, "key": self.key}  # fmt: skip
+                "distribution": self.distribution, "localization": self.localization,
+                "key": self.key}  # fmt: skip
 
 
 @dataclass
@@ -140,8 +149,8 @@ def _model_runs(spec: SweepSpec, model: str) -> Iterator[Run]:
     except BehemothError as err:
         raise type(err)(f"sweep spec models: {err}") from None
     sha, n_layers = weights_sha256(model), hf.config.num_hidden_layers
-    settings = list(_settings(spec, n_layers))
-    resolved: dict[int, tuple] = {}  # setting index -> where the method edits, and its config
+    resolved: dict[tuple, tuple] = {}  # (relation, setting index) -> where it edits, its config
+    settings: dict[int, list[tuple]] = {}  # relation -> the spec's settings for it
     correct: dict[int, Any] = {}
     for ti, t in enumerate(spec.tasks):
         if t.relation not in correct:
@@ -150,6 +159,11 @@ def _model_runs(spec: SweepSpec, model: str) -> Iterator[Run]:
                                  f"0..{world.config.n_relations - 1}, got {t.relation}")  # fmt: skip
             facts = world.facts(t.relation)
             correct[t.relation] = evaluate_facts(hf, world, WorldTokenizer(world.config), facts)
+            located = None
+            if spec.localizations is not None:
+                located = build_localizations(spec.localizations, hf, world, t.relation,
+                                              correct[t.relation])  # fmt: skip
+            settings[t.relation] = list(_settings(spec, n_layers, located))
         for seed in spec.seeds:
             try:
                 task = EditTask.draw(world, t.kind, seed=seed, relation=t.relation, n=t.n,
@@ -158,27 +172,47 @@ def _model_runs(spec: SweepSpec, model: str) -> Iterator[Run]:
                 raise spec_error(f"tasks[{ti}]", f"{model}, seed {seed}: {err}") from None
             task_dict = task.to_dict()
             task_sha = hashlib.sha256(canonical_json(task_dict).encode()).hexdigest()
-            for k, (mi, method, config, components, blocks) in enumerate(settings):
-                if k not in resolved:
-                    resolved[k] = _resolve(hf, method.method, blocks, components, config, mi)
-                chosen, comps, final = resolved[k]
+            battery = None
+            if spec.battery is not None:
+                found = run_oracle(model, task, spec.battery.oracle)
+                battery = {**spec.battery.to_dict(), "oracle": found}
+            for k, (mi, method, config, components, blocks, name) in enumerate(
+                settings[t.relation]
+            ):
+                if (t.relation, k) not in resolved:
+                    resolved[t.relation, k] = _resolve(hf, method.method, blocks, components,
+                                                       config, mi)  # fmt: skip
+                chosen, comps, final = resolved[t.relation, k]
                 yield Run(model, sha, task_dict, task_sha, {**t.to_dict(), "seed": seed},
                           method.method, final.to_dict(), chosen, comps, method.mode, seed,
                           spec.max_remaining, spec.move_rank, n_layers, world.config.distribution,
-                          None if spec.retention is None else spec.retention.to_dict())  # fmt: skip
+                          None if spec.retention is None else spec.retention.to_dict(),
+                          name, battery)  # fmt: skip
 
 
-def _settings(spec: SweepSpec, n_layers: int) -> Iterator[tuple]:
-    """(method index, MethodSpec, config, components, blocks) of every method, grid point,
-    component setting and block subset of the spec, in order."""
+def _settings(spec: SweepSpec, n_layers: int, located: dict | None = None) -> Iterator[tuple]:
+    """(method index, MethodSpec, config, components, blocks, localization name) of every
+    method, grid point and either localization (`located`: name -> ComponentSet, for the
+    methods that take one) or component setting and block subset of the spec, in order."""
     for mi, m in enumerate(spec.methods):
         where = f"methods[{mi}].blocks" if m.blocks is not None else "blocks"
         subsets = block_subsets(spec.blocks if m.blocks is None else m.blocks, n_layers, where)
         for point in m.points():
             config = method_config(m.method, m.objective, m.options(point))
+            if located is not None and localizable(m.method):
+                for name, components in located.items():
+                    yield (
+                        mi,
+                        m,
+                        dataclasses.replace(config, localization=components),
+                        None,
+                        None,
+                        name,
+                    )
+                continue
             for c in spec.components if m.components is None else m.components:
                 for blocks in subsets:
-                    yield mi, m, config, None if c == "default" else c, blocks
+                    yield mi, m, config, None if c == "default" else c, blocks, None
 
 
 def _resolve(hf, method: str, blocks, components, config, i: int):

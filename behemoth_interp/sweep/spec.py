@@ -45,6 +45,8 @@ from behemoth_interp.errors import (
     check_int,
     is_int,
 )
+from behemoth_interp.sweep.battery import BatterySpec
+from behemoth_interp.sweep.localizations import LocalizationSpec, check_localizations
 from behemoth_interp.sweep.retention import RetentionSpec
 
 SPEC_FORMAT = "behemoth-sweep/1"
@@ -157,7 +159,10 @@ class SweepSpec:
     max_remaining: score remaining accuracy on a seeded sample (None: every unchanged tuple);
     move_rank: the SVD threshold of each run's move-rank summary (None: not computed);
     threads: torch threads per worker; retention: downstream fine-tunes of every edited model
-    (`RetentionSpec`, None: none).
+    (`RetentionSpec`, None: none); localizations: the components the fine-tuning methods edit
+    instead of blocks x components (`LocalizationSpec`s, built per model and relation; None:
+    blocks x components); battery: the residual-knowledge battery of every edited model
+    (`BatterySpec`, None: none).
     """
 
     models: tuple[str, ...]
@@ -172,6 +177,8 @@ class SweepSpec:
     move_rank: float | None = 0.95
     threads: int = 1
     retention: RetentionSpec | None = None
+    localizations: tuple[LocalizationSpec, ...] | None = None
+    battery: BatterySpec | None = None
 
     def __post_init__(self) -> None:
         _check_list(self.models, "models", "checkpoint directories, e.g. [data/models/independent]")
@@ -206,6 +213,12 @@ class SweepSpec:
                 "move_rank", f"is an energy threshold in (0, 1] or null, got {self.move_rank!r}"
             )
         _check_count("threads", self.threads, 1)
+        if self.localizations is not None:
+            _check_list(self.localizations, "localizations", "localizations, e.g. [{source: flu}]")
+            check_localizations(self.localizations)
+            if not any(localizable(m.method) for m in self.methods):
+                raise spec_error("localizations", "no method of the spec takes a localization: "
+                                 "add finetune or lora, or drop localizations")  # fmt: skip
         if not isinstance(self.name, str) or not self.name:
             raise spec_error("name", "must be a non-empty string")
 
@@ -221,6 +234,9 @@ class SweepSpec:
             "threads": self.threads,
             # only when set: a spec without it keeps the hash it had before retention existed
             **({} if self.retention is None else {"retention": self.retention.to_dict()}),
+            **({} if self.localizations is None
+               else {"localizations": [loc.to_dict() for loc in self.localizations]}),
+            **({} if self.battery is None else {"battery": self.battery.to_dict()}),
         }  # fmt: skip
 
     @classmethod
@@ -257,6 +273,9 @@ class SweepSpec:
             move_rank=d.get("move_rank", 0.95),
             threads=d.get("threads", 1),
             retention=None if d.get("retention") is None else RetentionSpec.from_dict(d["retention"]),
+            localizations=None if d.get("localizations") is None else tuple(
+                LocalizationSpec.from_dict(x) for x in _as_list(d["localizations"], "localizations")),
+            battery=None if d.get("battery") is None else BatterySpec.from_dict(d["battery"]),
         )  # fmt: skip
 
     @classmethod
@@ -515,6 +534,11 @@ def _check_method(m: MethodSpec, where: str) -> None:
             method_config(m.method, m.objective, m.options(point))
         except BehemothError as err:
             raise spec_error(f"{where} {point or ''}".rstrip(), str(err)) from None
+
+
+def localizable(method: str) -> bool:
+    """The method edits a config's `localization` (the fine-tuning methods)."""
+    return any(f.name == "localization" for f in dataclasses.fields(get_method(method).Config))
 
 
 def method_config(method: str, objective: str | None, options: Mapping[str, Any]):

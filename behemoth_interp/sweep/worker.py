@@ -22,8 +22,10 @@ from behemoth_interp.edit.run import edit
 from behemoth_interp.edit.search import training_scores
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.evaluate import FactScores
-from behemoth_interp.model import load_hf
+from behemoth_interp.model import hooked_in_world, load_hf
+from behemoth_interp.probe import probe
 from behemoth_interp.rank import move_rank
+from behemoth_interp.sweep.battery import run_battery
 from behemoth_interp.sweep.retention import run_retention
 from behemoth_interp.sweep.runs import Run, check_weights, task_of
 
@@ -39,6 +41,7 @@ class Worker:
         torch.set_num_threads(threads)
         self._models: dict[str, Any] = {}
         self._baselines: dict[tuple, Any] = {}
+        self._fitted: dict[tuple, Any] = {}
 
     def run(self, run: Run) -> dict[str, Any]:
         """Carry out `run` and return its record (status 'ok', or 'failed' with the error)."""
@@ -64,8 +67,11 @@ class Worker:
         timings["setup_s"] = time.perf_counter() - clock
         config = get_method(run.method).Config.from_dict(run.config)
         clock = time.perf_counter()
-        result = edit(hf, task, method=run.method, config=config, blocks=list(run.blocks),
-                      components=run.components, mode=run.mode, seed=run.seed, evaluate=False)  # fmt: skip
+        # a localization says where to edit itself; run.blocks / components only describe it
+        where = {} if getattr(config, "localization", None) is not None else {
+            "blocks": list(run.blocks), "components": run.components}  # fmt: skip
+        result = edit(hf, task, method=run.method, config=config, mode=run.mode, seed=run.seed,
+                      evaluate=False, **where)  # fmt: skip
         timings["edit_s"] = time.perf_counter() - clock
         settings = dict(result.report.settings)
         timings["fit_s"] = settings.pop("seconds")
@@ -91,8 +97,14 @@ class Worker:
             clock = time.perf_counter()
             kept = jsonable(run_retention(result, run.retention, run.seed, run.blocks))
             timings["retention_s"] = time.perf_counter() - clock
+        battery = None
+        if run.battery is not None:
+            clock = time.perf_counter()
+            probes = self._probes(hf, world, task, run) if run.battery["probes"] else None
+            battery = jsonable(run_battery(result, task, hf, run.battery, run.seed, probes))
+            timings["battery_s"] = time.perf_counter() - clock
         return {"report": jsonable(report.to_dict()), "train": train, "move_rank": ranks,
-                "retention": kept}  # fmt: skip
+                "retention": kept, "battery": battery}  # fmt: skip
 
     def _model(self, run: Run):
         if run.model not in self._models:
@@ -100,6 +112,16 @@ class Worker:
             hf, world, _ = load_hf(run.model)
             self._models[run.model] = (hf, world)
         return self._models[run.model]
+
+    def _probes(self, hf, world, task: EditTask, run: Run):
+        """Probes of the unedited model for the battery's latent knowledge, fitted once per
+        model, relation, seed and held-out subjects (an override's edited ones, as the CLI)."""
+        exclude = () if task.kind == "forget" else task.facts[:, 0]
+        key = (run.model_sha256, task.relation, run.seed, np.asarray(exclude).tobytes())
+        if key not in self._fitted:
+            self._fitted[key] = probe(hooked_in_world(hf, world), task.relation,
+                                      exclude=exclude, seed=run.seed)  # fmt: skip
+        return self._fitted[key]
 
     def _baseline(self, hf, task: EditTask, run: Run):
         key = (run.model_sha256, task.kind, task.seed, task.facts.tobytes(),
@@ -114,7 +136,7 @@ def failed_record(run: Run, err: BaseException, trace: str = "") -> dict[str, An
     """The record of a run that raised `err` (its traceback kept with the timings, which are
     not part of what a rerun must reproduce)."""
     return {"format": RECORD_FORMAT, "key": run.key, "run": run.describe(), "status": "failed",
-            "report": None, "train": None, "move_rank": None, "retention": None,
+            "report": None, "train": None, "move_rank": None, "retention": None, "battery": None,
             "error": {"type": type(err).__name__, "message": str(err)},
             "timings": {"traceback": trace}}  # fmt: skip
 
