@@ -854,7 +854,9 @@ def report_cmd(
 @app.command("reproduce")
 def reproduce_cmd(
     paper: str = typer.Argument(
-        ..., help="The paper whose experiments to run: behemoth or retention."
+        ...,
+        help="The paper whose experiments to run: behemoth, retention, "
+        "mechanistic-unlearning or dissecting.",
     ),
     scale: str = typer.Option("quick", help="quick (minutes on one core) or paper (full grid)."),
     out: Optional[Path] = typer.Option(

@@ -14,7 +14,10 @@ own selection rule (the best learning rate per cell on training-time data).
   with bootstrap intervals;
 - distribution (its Figure 4 end points): per method, downstream task and freeze setting, where
   each set's probability sits after the fine-tune (the object it should say, the edited facts'
-  original object, the relation's other objects, anything else), means over seeds.
+  original object, the relation's other objects, anything else), means over seeds;
+- battery (Mechanistic Unlearning Figures 2-6 and Table 1, Dissecting Figure 1): per
+  localization (or method variant) and task, each residual-knowledge number with the unedited
+  model's beside it, means over seeds with bootstrap intervals.
 
     python experiments/sweep_tables.py STORE [--tables blocks,correlation,move_rank,dependents]
 """
@@ -29,7 +32,15 @@ import behemoth_interp as bi
 from behemoth_interp.rank import COMPONENTS
 from behemoth_interp.sweep.retention import DISTRIBUTION_COLUMNS
 
-TABLES = ("blocks", "correlation", "move_rank", "dependents", "retention", "distribution")
+TABLES = (
+    "blocks",
+    "correlation",
+    "move_rank",
+    "dependents",
+    "retention",
+    "distribution",
+    "battery",
+)
 
 
 def blocks_table(result: bi.SweepResult) -> str:
@@ -130,6 +141,23 @@ def distribution_table(result: bi.SweepResult) -> str:
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
+def battery_table(result: bi.SweepResult) -> str:
+    table = result.battery_summary()
+    table["series"] = [loc if isinstance(loc, str) else var
+                       for loc, var in zip(table.localization, table.variant)]  # fmt: skip
+    table["cell"] = [_interval(r, "value", 3) for _, r in table.iterrows()]
+    wide = table.pivot_table(index=["task", "part", "metric"], columns="series", values="cell",
+                             aggfunc="first", sort=False)  # fmt: skip
+    before = table.groupby(["task", "part", "metric"], sort=False).before.first()
+    wide["unedited"] = before.map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
+    params = table.groupby("series", sort=False).n_parameters.first()
+    note = ", ".join(f"{k}: {v:,.0f}" for k, v in params.items() if pd.notna(v))
+    seeds = int(table.seeds.max())
+    return (f"Means over {seeds} seeds [95% bootstrap interval]"
+            + (f"; trainable weights {note}" if note else "") + "\n\n"
+            + wide.reset_index().to_markdown(index=False))  # fmt: skip
+
+
 def _interval(row, metric: str, digits: int) -> str:
     """'mean [lo, hi]' of a summary row's metric, or '–' where it is undefined."""
     if pd.isna(row[metric]):
@@ -163,7 +191,8 @@ def main() -> None:
     print(f"{result!r}; selection: {result.selection.to_dict()}\n")
     makers = {"blocks": blocks_table, "correlation": correlation_table,
               "move_rank": move_rank_tables, "dependents": dependents_table,
-              "retention": retention_table, "distribution": distribution_table}  # fmt: skip
+              "retention": retention_table, "distribution": distribution_table,
+              "battery": battery_table}  # fmt: skip
     for name in a.tables.split(","):
         print(f"## {name}\n\n{makers[name](result)}\n")
 

@@ -20,7 +20,7 @@ from behemoth_interp.report import plotly_js_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-TUTORIALS = ("tracing", "editing", "probes", "restore", "sweeps", "retention")
+TUTORIALS = ("tracing", "editing", "probes", "restore", "sweeps", "retention", "unlearning")
 
 
 def _pages() -> set[str]:

@@ -174,6 +174,47 @@ def test_the_battery_is_a_sweep_axis(micro_checkpoint, tmp_path):
     assert summary.metric.tolist() == direct.metric.tolist() and (summary.seeds == 1).all()
     assert summary.value.to_numpy() == pytest.approx(direct.value.to_numpy(), abs=0)
     assert "relearn" in set(summary.part)
+    result = SweepResult.load(tmp_path / "store")
+    bars = [t for t in result.residual().data if t.type == "bar"]
+    assert sorted({x for t in bars for x in t.x}) == sorted(set(summary.metric))
+    with pytest.raises(InvalidArgument, match="forget task"):
+        result.tradeoff()
+    page = bi.sweep.write_report(result, tmp_path / "report.html").read_text()
+    assert "Residual knowledge" in page and "tradeoff: not drawn" in page
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "sweep_tables.py"
+    table = runpy.run_path(str(script))["battery_table"](result)
+    assert "relearn" in table and "unedited" in table and "Means over 1 seeds" in table
+
+
+def test_editability_correlates_scores_with_single_component_edits(micro_checkpoint, tmp_path):
+    """A localization scoring each component by its own outcome correlates +1, the reverse
+    order -1; a whole attention takes its best head's score."""
+    from behemoth_interp.sweep.editability import editability
+
+    spec = SweepSpec.from_dict(tiny_spec(micro_checkpoint, blocks="singletons",
+                                         components=["mlp", "attn"], methods=[
+        {"method": "finetune", "grid": {"lr": [3e-3]}}]))  # fmt: skip
+    run_sweep(spec, tmp_path / "store", executor="local", progress=False)
+    result = SweepResult.load(tmp_path / "store")
+    best = result.best().set_index("key")
+    truth = {f"{c}.{b[0]}": r for c, b, r in zip(best.components, best.blocks, best.remaining)}
+    assert sorted(truth) == ["attn.0", "attn.1", "mlp.0", "mlp.1"]
+    names = sorted(truth)
+    own = bi.ComponentSet(names[:1], "manual", names, [truth[n] for n in names])
+    flipped = bi.ComponentSet(names[:1], "manual", names, [1 - truth[n] for n in names])
+    heads = ["head.0.0", "head.0.1", "head.1.0", "head.1.1", "mlp.0", "mlp.1"]
+    by_head = bi.ComponentSet(heads[:1], "manual", heads,
+                              [truth["attn.0"], 0.0, 0.0, truth["attn.1"], truth["mlp.0"],
+                               truth["mlp.1"]])  # fmt: skip
+    found = editability(result, {"own": own, "flipped": flipped, "heads": by_head},
+                        metrics=("remaining",)).to_dataframe().set_index("localization")  # fmt: skip
+    assert len(set(truth.values())) == 4  # deterministic: the four edits keep different shares
+    assert found.rho["own"] == pytest.approx(1.0) and found.rho["heads"] == pytest.approx(1.0)
+    assert found.rho["flipped"] == pytest.approx(-1.0) and (found.n == 4).all()
+    with pytest.raises(InvalidArgument, match="singletons"):
+        editability(SweepResult([]), {"own": own})
 
 
 @pytest.mark.parametrize(
@@ -435,6 +476,7 @@ def test_the_committed_specs_are_valid_and_count_as_documented():
     """Every committed spec reads and expands on the shipped models, and the quick ones plan
     the run counts docs/experiments.md states."""
     from behemoth_interp.sweep import PAPERS, paper_specs
+    from behemoth_interp.sweep.reproduce import SCALES
 
     assert [s.name for s in paper_specs("behemoth", "paper")] == [
         f"{stem}-paper" for stem in PAPERS["behemoth"]
@@ -454,6 +496,15 @@ def test_the_committed_specs_are_valid_and_count_as_documented():
                          "retention-remedies-paper": (60, ("general",), ("none", "edited")),
                          "retention-remedies-classification-paper": (60, ("classification",),
                                                                      ("none", "edited"))}  # fmt: skip
+    unlearning = {s.name: (len(s.tasks) * len(s.seeds) * sum(len(m.points()) for m in s.methods)
+                           * len(s.localizations or [None]), s.battery.to_dict())
+                  for p in ("mechanistic-unlearning", "dissecting") for scale in SCALES
+                  for s in paper_specs(p, scale)}  # fmt: skip
+    assert {k: n for k, (n, _) in unlearning.items()} == {
+        "mu-localizations-quick": 30, "mu-localizations-paper": 420,
+        "dissecting-krs-quick": 45, "dissecting-krs-paper": 150}  # fmt: skip
+    assert unlearning["mu-localizations-quick"][1]["probes"]
+    assert unlearning["dissecting-krs-quick"][1]["krs_settings"]
 
 
 def test_reproduce_runs_every_spec_resumes_and_guards_its_directory(micro_checkpoint, tmp_path):

@@ -20,6 +20,11 @@ FIGURES = (
      "when fewer are (Figure 12)."),
     ("retention", "Retention of the edited facts and of matched intrinsic facts after each "
      "downstream fine-tune (the retention paper's Figure 2 and Table 1)."),
+    ("residual", "The residual-knowledge battery of each localization or variant: edit, "
+     "neighbourhood, relearning attack, latent knowledge and KRS (Mechanistic Unlearning "
+     "Figures 2-6, Dissecting Figure 1), mean over seeds with bootstrap intervals."),
+    ("tradeoff", "Forget rate against maintain accuracy of every forget run (Dissecting "
+     "Figure 2)."),
 )  # fmt: skip
 ABOUT = (
     "Each run of the store is one edit of one model (task, method, its settings, the blocks "

@@ -30,6 +30,8 @@ PAPERS = {
     "behemoth": ("figure4-single", "figure4-forget", "figure7-lora", "figure8-correlated",
                  "dependents"),
     "retention": ("retention", "retention-remedies", "retention-remedies-classification"),
+    "mechanistic-unlearning": ("mu-localizations",),
+    "dissecting": ("dissecting-krs",),
 }  # fmt: skip
 """Each paper's figures, by the stem of their spec files (`<stem>-<scale>.yaml`)."""
 SCALES = ("quick", "paper")

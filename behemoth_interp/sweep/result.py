@@ -362,6 +362,70 @@ class SweepResult:
         fig.update_yaxes(range=[0, 1.05])
         return fig
 
+    def residual(self, *, model: str | None = None, ci: float = 0.95,
+                 selection: Selection | None = None):  # fmt: skip
+        """The residual-knowledge battery of the best runs (Mechanistic Unlearning Figures 2-6,
+        Dissecting Figure 1): a panel per part, a bar per metric and series (localization, or
+        variant, per task), means over seeds with bootstrap intervals; the unedited model's
+        value, where the battery has one, as a black marker."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        table = _one_model(self.battery_summary(ci=ci, selection=selection), model)
+        table = table.assign(series=[f"{loc if isinstance(loc, str) else var} ({task})"
+                                     for loc, var, task in zip(table.localization, table.variant,
+                                                               table.task)])  # fmt: skip
+        parts = list(dict.fromkeys(table.part))
+        fig = make_subplots(rows=len(parts), cols=1, subplot_titles=parts)
+        for i, series in enumerate(dict.fromkeys(table.series)):
+            for row, part in enumerate(parts, 1):
+                s = table[(table.series == series) & (table.part == part)]
+                fig.add_trace(go.Bar(x=s.metric, y=s.value, name=series, legendgroup=series,
+                                     marker_color=_color(i), showlegend=row == 1,
+                                     error_y={"type": "data", "symmetric": False,
+                                              "array": s.value_hi - s.value,
+                                              "arrayminus": s.value - s.value_lo}),
+                              row=row, col=1)  # fmt: skip
+                if i == 0 and s.before.notna().any():
+                    fig.add_trace(go.Scatter(x=s.metric, y=s.before, mode="markers",
+                                             marker={"color": "black", "symbol": "line-ew-open",
+                                                     "size": 18},
+                                             name="unedited", legendgroup="unedited",
+                                             showlegend=row == 1), row=row, col=1)  # fmt: skip
+        fig.update_layout(barmode="group", height=260 * len(parts), title=_title(
+            f"Residual knowledge (mean over seeds, {ci:.0%} bootstrap)", table))  # fmt: skip
+        return fig
+
+    def tradeoff(self, *, model: str | None = None):
+        """Dissecting Figure 2: forget rate against maintain (remaining) accuracy of every run,
+        one colour per series (localization or variant, and task): the trade-off the settings
+        the rule selects over trace out."""
+        import plotly.graph_objects as go
+
+        df = self.to_dataframe()
+        df = df[(df.status == "ok") & (df.task == "forget")] if len(df) else df
+        if not len(df):
+            raise InvalidArgument("no successful run of a forget task in this store")
+        df = _one_model(df, model)
+        cells = self._ok_cells(self.selection).set_index("key").variant
+        labels = [
+            loc if isinstance(loc, str) else cells[k] for loc, k in zip(df.localization, df.key)
+        ]
+        fig = go.Figure()
+        for i, label in enumerate(dict.fromkeys(labels)):
+            s = df[[lab == label for lab in labels]]
+            fig.add_trace(go.Scatter(x=s.remaining, y=s.forget_rate, mode="markers", name=label,
+                                     marker={"color": _color(i), "size": 9},
+                                     text=[f"seed {r.seed}, {self._setting(r)}"
+                                           for r in s.itertuples()]))  # fmt: skip
+        fig.update_layout(title=_title("Forget rate against maintain accuracy, every run", df),
+                          xaxis_title="maintain (remaining accuracy)", yaxis_title="forget rate")  # fmt: skip
+        return fig
+
+    def _setting(self, row) -> str:
+        return ", ".join(f"{c}={_fmt(getattr(row, c))}" for c in self.selection.over
+                         if c in row._fields and not _na(getattr(row, c)))  # fmt: skip
+
     def move_rank(self, *, model: str | None = None, variant: str | None = None,
                   selection: Selection | None = None):  # fmt: skip
         """Figure 12. Top: the move rank of each block's matrices when every block is tuned
