@@ -289,7 +289,9 @@ def test_new_templates_leave_older_corpora_byte_for_byte(worlds, name):
     assert hashlib.sha256(payload).hexdigest() == ORIGINAL_SHA256[name]
 
 
-@pytest.mark.parametrize("name", ["independent", "correlated", "nested", "independent-formats"])
+@pytest.mark.parametrize(
+    "name", ["independent", "correlated", "nested", "independent-formats", "correlated-formats"]
+)
 def test_shipped_worlds_corpora_rebuild_byte_for_byte(name):
     path = Path(__file__).resolve().parents[1] / "data" / "worlds" / name
     world, tok = load_world(path)

@@ -25,9 +25,9 @@ from behemoth_interp.model import (
 from behemoth_interp.train import TrainConfig, train
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-SHIPPED = ("independent", "correlated", "nested", "independent-formats")
+SHIPPED = ("independent", "correlated", "nested", "independent-formats", "correlated-formats")
 # shipped models trained on every grammar template (data/models/README.md)
-SHIPPED_FORMATS = ("independent-formats",)
+SHIPPED_FORMATS = ("independent-formats", "correlated-formats")
 
 
 @pytest.fixture(scope="module")
