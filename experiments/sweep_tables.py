@@ -17,7 +17,8 @@ own selection rule (the best learning rate per cell on training-time data).
   original object, the relation's other objects, anything else), means over seeds;
 - battery (Mechanistic Unlearning Figures 2-6 and Table 1, Dissecting Figure 1): per
   localization (or method variant) and task, each residual-knowledge number with the unedited
-  model's beside it, means over seeds with bootstrap intervals.
+  model's beside it, means over seeds with bootstrap intervals (battery_settings: every
+  setting the rule selects over, e.g. each learning rate, not only its pick).
 
     python experiments/sweep_tables.py STORE [--tables blocks,correlation,move_rank,dependents]
 """
@@ -141,20 +142,23 @@ def distribution_table(result: bi.SweepResult) -> str:
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
-def battery_table(result: bi.SweepResult) -> str:
-    table = result.battery_summary()
-    table["series"] = [loc if isinstance(loc, str) else var
-                       for loc, var in zip(table.localization, table.variant)]  # fmt: skip
+def battery_table(result: bi.SweepResult, every: bool = False) -> str:
+    """A row per localization (or variant) and task, a column per battery number; the unedited
+    model's values in a first row."""
+    table = result.battery_summary(every=every)
+    table["series"] = [(loc if isinstance(loc, str) else var) + (f" {s}" if s else "")
+                       for loc, var, s in zip(table.localization, table.variant, table.setting)]  # fmt: skip
+    table["column"] = table.part + ": " + table.metric.str.replace(" (best centre)", "")
     table["cell"] = [_interval(r, "value", 3) for _, r in table.iterrows()]
-    wide = table.pivot_table(index=["task", "part", "metric"], columns="series", values="cell",
+    wide = table.pivot_table(index=["task", "series"], columns="column", values="cell",
                              aggfunc="first", sort=False)  # fmt: skip
-    before = table.groupby(["task", "part", "metric"], sort=False).before.first()
-    wide["unedited"] = before.map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
+    before = table.groupby("column", sort=False).before.first()
+    wide.loc[("", "unedited"), :] = before.map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
+    wide = wide.loc[[("", "unedited"), *wide.index[:-1]]]
     params = table.groupby("series", sort=False).n_parameters.first()
-    note = ", ".join(f"{k}: {v:,.0f}" for k, v in params.items() if pd.notna(v))
-    seeds = int(table.seeds.max())
-    return (f"Means over {seeds} seeds [95% bootstrap interval]"
-            + (f"; trainable weights {note}" if note else "") + "\n\n"
+    wide.insert(0, "weights", [f"{params[s]:,.0f}" if s in params and pd.notna(params[s]) else ""
+                               for _, s in wide.index])  # fmt: skip
+    return (f"Means over {int(table.seeds.max())} seeds [95% bootstrap interval]\n\n"
             + wide.reset_index().to_markdown(index=False))  # fmt: skip
 
 
@@ -192,7 +196,8 @@ def main() -> None:
     makers = {"blocks": blocks_table, "correlation": correlation_table,
               "move_rank": move_rank_tables, "dependents": dependents_table,
               "retention": retention_table, "distribution": distribution_table,
-              "battery": battery_table}  # fmt: skip
+              "battery": battery_table,
+              "battery_settings": lambda r: battery_table(r, every=True)}  # fmt: skip
     for name in a.tables.split(","):
         print(f"## {name}\n\n{makers[name](result)}\n")
 

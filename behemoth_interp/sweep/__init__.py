@@ -3,17 +3,23 @@ read back as the paper's figures (Behemoth sections 4.6-4.10, 5, 6.2, appendix B
 
 - `spec`: `SweepSpec` (models, tasks, methods with grids, block subsets, components, seeds,
   the selection rule), read from YAML / JSON and validated before any run;
+- `localizations`, `battery`: the localization axis (`LocalizationSpec`) and the
+  residual-knowledge battery of every run (`BatterySpec`);
 - `runs`: `expand(spec)` -> the runs, each with its content-addressed key;
 - `worker`: `Worker`, which runs edits and caches models and pre-edit baselines;
 - `store`: `Store`, one atomic JSON record per run under its key;
 - `local`, `ray_executor`: the in-process and the Ray executors;
 - `runner`: `run_sweep` (resumable) and `dry_run`;
 - `result`: `SweepResult` (DataFrame, best per cell, bootstrap intervals, figures);
+- `editability`: localization scores against single-component edit outcomes (`editability`);
 - `report`: the sweep's report page (built with `behemoth_interp.report.Page`);
 - `reproduce`: a paper's committed specs at one scale, run and reported in one directory.
 """
 
+from behemoth_interp.sweep.battery import BatterySpec
+from behemoth_interp.sweep.editability import Editability, editability
 from behemoth_interp.sweep.local import LocalExecutor
+from behemoth_interp.sweep.localizations import LocalizationSpec
 from behemoth_interp.sweep.ray_executor import RayExecutor
 from behemoth_interp.sweep.report import (
     report_html,
@@ -31,9 +37,11 @@ from behemoth_interp.sweep.store import Store
 from behemoth_interp.sweep.worker import Worker
 
 __all__ = [
-    "EXECUTORS", "PAPERS", "DryRun", "LocalExecutor", "MethodSpec", "Plan", "RayExecutor",
+    "EXECUTORS", "PAPERS", "BatterySpec", "DryRun", "Editability", "LocalExecutor",
+    "LocalizationSpec", "MethodSpec", "Plan", "RayExecutor",
     "Reproduction", "Run", "Selection", "Store", "SweepResult", "SweepSpec", "SweepSummary",
-    "TaskSpec", "Worker", "block_subsets", "bootstrap_mean", "dry_run", "expand", "paper_specs",
+    "TaskSpec", "Worker", "block_subsets", "bootstrap_mean", "dry_run", "editability", "expand",
+    "paper_specs",
     "report_html", "reproduce", "reproduce_html", "reproduce_page", "run_sweep", "sweep_page",
     "weights_sha256", "write_report",
 ]  # fmt: skip

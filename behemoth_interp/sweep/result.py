@@ -185,24 +185,31 @@ class SweepResult:
         return pd.DataFrame(out)
 
     def battery_summary(self, *, ci: float = 0.95, n_boot: int = 2000, seed: int = 0,
-                        selection: Selection | None = None) -> pd.DataFrame:  # fmt: skip
+                        selection: Selection | None = None, every: bool = False) -> pd.DataFrame:  # fmt: skip
         """Per cell of the best runs and residual-knowledge number (part, metric): its value
         after the edit and the unedited model's (`before`), means over seeds with percentile
-        bootstrap intervals, and `seeds`; the runs of a spec with a `battery` block."""
-        best = self.best(selection)
-        rows = battery_rows(self.records, set(best.key) if len(best) else set())
+        bootstrap intervals, and `seeds`; the runs of a spec with a `battery` block. With
+        `every`, every ok run instead, per cell and `setting` of the selected-over values (e.g.
+        each learning rate): the whole trade-off, not only the rule's pick."""
+        sel = selection or self.selection
+        runs = self._ok_cells(sel) if every else self.best(sel)
+        rows = battery_rows(self.records, set(runs.key) if len(runs) else set())
         if not len(rows):
             raise InvalidArgument("no selected run of this store ran the residual-knowledge "
                                   "battery: add a battery block to the spec (see "
                                   "behemoth_interp.sweep.battery)")  # fmt: skip
-        keys = list(SUMMARY_KEYS)
-        df = rows.merge(best[[*keys, "key", "seed"]], on="key")
+        over = [c for c in sel.over if c in runs]
+        runs = runs.assign(setting=[", ".join(f"{c}={_fmt(r[c])}" for c in over if not _na(r[c]))
+                                    if every else "" for _, r in runs.iterrows()])  # fmt: skip
+        keys = [*SUMMARY_KEYS, "setting"]
+        df = rows.merge(runs[[*keys, "key", "seed"]], on="key")
         out = []
-        for (cell, part, metric), g in df.groupby(["cell", "part", "metric"], sort=False):
+        groups = df.groupby(["cell", "setting", "part", "metric"], sort=False)
+        for (cell, setting, part, metric), g in groups:
             row = {k: g[k].iloc[0] for k in [*keys, "part", "metric"]}
             row["seeds"] = g.seed.nunique()
-            row.update(_intervals(g, ("value", "before"), f"{cell}|{part}|{metric}", seed, ci,
-                                  n_boot))  # fmt: skip
+            row.update(_intervals(g, ("value", "before"), f"{cell}|{setting}|{part}|{metric}",
+                                  seed, ci, n_boot))  # fmt: skip
             out.append(row)
         return pd.DataFrame(out)
 
@@ -581,13 +588,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _variants(df: pd.DataFrame, config_columns: list[str]) -> list[str]:
-    """'method' plus the config values that differ between that method's cells."""
+    """'method' plus the config values that differ between that method's cells (a setting
+    only some of its cells have, e.g. one objective's, is named where it is set)."""
     out = pd.Series("", index=df.index, dtype=object)
     for method, g in df.groupby("method", sort=False):
         varying = [c for c in config_columns
-                   if g[c].map(lambda v: canonical_json(_plain(v))).nunique() > 1]  # fmt: skip
+                   if g[c][~g[c].map(_na)].map(lambda v: canonical_json(_plain(v))).nunique() > 1]  # fmt: skip
         for i, r in g.iterrows():
-            out[i] = " ".join([method, *(f"{c}={_fmt(r[c])}" for c in varying)])
+            out[i] = " ".join([method, *(f"{c}={_fmt(r[c])}" for c in varying if not _na(r[c]))])
     return out.tolist()
 
 
