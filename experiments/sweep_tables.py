@@ -21,6 +21,7 @@ own selection rule (the best learning rate per cell on training-time data).
   setting the rule selects over, e.g. each learning rate, not only its pick).
 
     python experiments/sweep_tables.py STORE [--tables blocks,correlation,move_rank,dependents]
+        [--columns 'edit: maintain,window 3']   # battery tables: only these columns
 """
 
 from __future__ import annotations
@@ -142,16 +143,18 @@ def distribution_table(result: bi.SweepResult) -> str:
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
-def battery_table(result: bi.SweepResult, every: bool = False) -> str:
-    """A row per localization (or variant) and task, a column per battery number; the unedited
-    model's values in a first row."""
+def battery_table(result: bi.SweepResult, every: bool = False, columns: str = "") -> str:
+    """A row per localization (or variant) and task, a column per battery number (those naming
+    one of the comma-separated `columns`, when given); the unedited model's values first."""
     table = result.battery_summary(every=every)
     table["series"] = [(loc if isinstance(loc, str) else var) + (f" {s}" if s else "")
                        for loc, var, s in zip(table.localization, table.variant, table.setting)]  # fmt: skip
     table["column"] = table.part + ": " + table.metric.str.replace(" (best centre)", "")
+    if columns:
+        table = table[[any(c in name for c in columns.split(",")) for name in table.column]]
     table["cell"] = [_interval(r, "value", 3) for _, r in table.iterrows()]
     wide = table.pivot_table(index=["task", "series"], columns="column", values="cell",
-                             aggfunc="first", sort=False)  # fmt: skip
+                             aggfunc="first", sort=False).sort_index()  # fmt: skip
     before = table.groupby("column", sort=False).before.first()
     wide.loc[("", "unedited"), :] = before.map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
     wide = wide.loc[[("", "unedited"), *wide.index[:-1]]]
@@ -190,14 +193,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("store")
     p.add_argument("--tables", default=",".join(TABLES), help="of: " + ", ".join(TABLES))
+    p.add_argument("--columns", default="", help="battery tables: the columns naming one of these")
     a = p.parse_args()
     result = bi.SweepResult.load(a.store)
     print(f"{result!r}; selection: {result.selection.to_dict()}\n")
     makers = {"blocks": blocks_table, "correlation": correlation_table,
               "move_rank": move_rank_tables, "dependents": dependents_table,
               "retention": retention_table, "distribution": distribution_table,
-              "battery": battery_table,
-              "battery_settings": lambda r: battery_table(r, every=True)}  # fmt: skip
+              "battery": lambda r: battery_table(r, columns=a.columns),
+              "battery_settings": lambda r: battery_table(r, every=True, columns=a.columns)}  # fmt: skip
     for name in a.tables.split(","):
         print(f"## {name}\n\n{makers[name](result)}\n")
 

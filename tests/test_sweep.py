@@ -501,7 +501,7 @@ def test_the_committed_specs_are_valid_and_count_as_documented():
                   for p in ("mechanistic-unlearning", "dissecting") for scale in SCALES
                   for s in paper_specs(p, scale)}  # fmt: skip
     assert {k: n for k, (n, _) in unlearning.items()} == {
-        "mu-localizations-quick": 30, "mu-localizations-paper": 420,
+        "mu-localizations-quick": 15, "mu-localizations-paper": 420,
         "dissecting-krs-quick": 45, "dissecting-krs-paper": 150}  # fmt: skip
     assert unlearning["mu-localizations-quick"][1]["probes"]
     assert unlearning["dissecting-krs-quick"][1]["krs_settings"]
