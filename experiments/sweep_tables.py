@@ -145,7 +145,8 @@ def distribution_table(result: bi.SweepResult) -> str:
 
 def battery_table(result: bi.SweepResult, every: bool = False, columns: str = "") -> str:
     """A row per localization (or variant) and task, a column per battery number (those naming
-    one of the comma-separated `columns`, when given); the unedited model's values first."""
+    one of the comma-separated `columns`, when given); first the `before` row: the unedited
+    model's values (for the relearning attack: the edited model's, before the attack)."""
     table = result.battery_summary(every=every)
     table["series"] = [(loc if isinstance(loc, str) else var) + (f" {s}" if s else "")
                        for loc, var, s in zip(table.localization, table.variant, table.setting)]  # fmt: skip
@@ -156,12 +157,13 @@ def battery_table(result: bi.SweepResult, every: bool = False, columns: str = ""
     wide = table.pivot_table(index=["task", "series"], columns="column", values="cell",
                              aggfunc="first", sort=False).sort_index()  # fmt: skip
     before = table.groupby("column", sort=False).before.first()
-    wide.loc[("", "unedited"), :] = before.map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
-    wide = wide.loc[[("", "unedited"), *wide.index[:-1]]]
+    wide.loc[("", "before"), :] = before.map(lambda v: "–" if pd.isna(v) else f"{v:.3f}")
+    wide = wide.loc[[("", "before"), *wide.index[:-1]]]
     params = table.groupby("series", sort=False).n_parameters.first()
     wide.insert(0, "weights", [f"{params[s]:,.0f}" if s in params and pd.notna(params[s]) else ""
                                for _, s in wide.index])  # fmt: skip
-    return (f"Means over {int(table.seeds.max())} seeds [95% bootstrap interval]\n\n"
+    return (f"Means over {int(table.seeds.max())} seeds [95% bootstrap interval]; the first row "
+            "is the unedited model (relearn: the edited model before the attack)\n\n"
             + wide.reset_index().to_markdown(index=False))  # fmt: skip
 
 

@@ -185,7 +185,7 @@ def test_the_battery_is_a_sweep_axis(micro_checkpoint, tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "sweep_tables.py"
     table = runpy.run_path(str(script))["battery_table"](result)
-    assert "relearn" in table and "unedited" in table and "Means over 1 seeds" in table
+    assert "relearn" in table and "| before" in table and "Means over 1 seeds" in table
 
 
 def test_editability_correlates_scores_with_single_component_edits(micro_checkpoint, tmp_path):
