@@ -356,3 +356,19 @@ def hooked_in_world(
     model = to_hooked(hf, WorldTokenizer(world.config), device)
     model.world = world
     return model
+
+
+def weights_sha256(path: str | Path) -> str:
+    """The sha256 of a checkpoint's `model.safetensors`, as its `checkpoint.json` records it
+    (else its training log's `weights_sha256`, else hashed now). `load_hf` checks the file
+    against the record, so a loaded model has these weights."""
+    path = Path(path)
+    meta = path / CHECKPOINT_META
+    if meta.is_file():
+        return read_json(meta, what="checkpoint record")["sha256"]["model.safetensors"]
+    log = path / "train_log.json"
+    if log.is_file():
+        recorded = read_json(log, what="training log").get("weights_sha256")
+        if recorded:
+            return recorded
+    return file_sha256(path / "model.safetensors")

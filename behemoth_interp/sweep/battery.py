@@ -72,8 +72,8 @@ class BatterySpec:
 def run_oracle(model: str, task, cache: str | None) -> dict[str, Any] | None:
     """The oracle of `task` for the checkpoint `model` as a run records it: None (no cache
     asked for), its path and weights if `cache` holds a trained one, else {'missing': cache}."""
+    from behemoth_interp.model import weights_sha256
     from behemoth_interp.oracle import oracle_path
-    from behemoth_interp.sweep.runs import weights_sha256
 
     if cache is None:
         return None

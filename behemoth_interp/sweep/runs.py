@@ -14,15 +14,13 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
-from behemoth_interp._io import read_json
 from behemoth_interp.edit.registry import get_method
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import BehemothError, CheckpointMismatch, InvalidArgument
 from behemoth_interp.evaluate import evaluate_facts
-from behemoth_interp.model import CHECKPOINT_META, file_sha256, load_hf
+from behemoth_interp.model import load_hf, weights_sha256
 from behemoth_interp.sweep.battery import run_oracle
 from behemoth_interp.sweep.localizations import build_localizations
 from behemoth_interp.sweep.spec import (
@@ -107,22 +105,6 @@ class Plan:
 
     def __iter__(self) -> Iterator[Run]:
         return iter(self.runs)
-
-
-def weights_sha256(path: str | Path) -> str:
-    """The sha256 of a checkpoint's `model.safetensors`, as its `checkpoint.json` records it
-    (else its training log's `weights_sha256`, else hashed now). `load_hf` checks the file
-    against the record, so a loaded model has these weights."""
-    path = Path(path)
-    meta = path / CHECKPOINT_META
-    if meta.is_file():
-        return read_json(meta, what="checkpoint record")["sha256"]["model.safetensors"]
-    log = path / "train_log.json"
-    if log.is_file():
-        recorded = read_json(log, what="training log").get("weights_sha256")
-        if recorded:
-            return recorded
-    return file_sha256(path / "model.safetensors")
 
 
 def expand(spec: SweepSpec) -> Plan:
