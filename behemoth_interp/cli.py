@@ -650,9 +650,13 @@ def residual_cmd(
     checkpoint against its original, as a report page."""
     from behemoth_interp.edit.report import EDIT_REPORT, EditReport, load_edited
     from behemoth_interp.model import check_world, hooked_in_world
-    from behemoth_interp.probe import probe
     from behemoth_interp.report import residual_page
-    from behemoth_interp.residual import BatteryConfig, RelearnConfig, residual_knowledge
+    from behemoth_interp.residual import (
+        BatteryConfig,
+        RelearnConfig,
+        residual_knowledge,
+        unedited_probes,
+    )
 
     if out.suffix != ".html":
         raise InvalidArgument(f"--out is the report page: name a .html file, got {out}")
@@ -667,11 +671,7 @@ def residual_cmd(
         truth = None
         if oracle_cache is not None:
             truth = oracle(before, task, cache=oracle_cache, progress=True).to("cpu")
-        fitted = None
-        if probes:
-            exclude = () if task.kind == "forget" else task.facts[:, 0]
-            fitted = probe(hooked_in_world(original, world), task.relation, exclude=exclude,
-                           seed=seed)  # fmt: skip
+        fitted = unedited_probes(hooked_in_world(original, world), task, seed) if probes else None
         settings = EditReport.load(edited_dir / EDIT_REPORT).settings
         result = residual_knowledge(edited, task, before=original, oracle=truth, probes=fitted,
                                     settings=settings, config=config)  # fmt: skip

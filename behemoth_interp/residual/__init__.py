@@ -8,10 +8,15 @@ than hid it at the output (Mechanistic Unlearning; Dissecting Fine-Tuning Unlear
 - `battery`: all of it, with latent-knowledge probes and KRS, as one `ResidualKnowledge`.
 """
 
-from behemoth_interp.residual.battery import BatteryConfig, ResidualKnowledge, residual_knowledge
+from behemoth_interp.residual.battery import (
+    BatteryConfig,
+    ResidualKnowledge,
+    residual_knowledge,
+    unedited_probes,
+)
 from behemoth_interp.residual.neighbourhood import NEIGHBOURHOODS, neighbourhood_scores, neighbours
 from behemoth_interp.residual.relearn import SPLITS, RelearnConfig, RelearnResult, relearn
 
 __all__ = ["NEIGHBOURHOODS", "SPLITS", "BatteryConfig", "RelearnConfig", "RelearnResult",
            "ResidualKnowledge", "neighbourhood_scores", "neighbours", "relearn",
-           "residual_knowledge"]  # fmt: skip
+           "residual_knowledge", "unedited_probes"]  # fmt: skip

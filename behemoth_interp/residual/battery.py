@@ -23,13 +23,14 @@ import torch
 from transformers import GPTNeoXForCausalLM
 
 from behemoth_interp._io import JsonConfig
-from behemoth_interp.edit.evaluation import evaluate_edit
+from behemoth_interp.edit.evaluation import EditBaseline, evaluate_edit
 from behemoth_interp.edit.report import EditReport
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.errors import check_int
+from behemoth_interp.evaluate import FactScores
 from behemoth_interp.grammar import PARAPHRASES
 from behemoth_interp.model import hooked_in_world
-from behemoth_interp.probe import LatentKnowledge, ProbeResult, latent_knowledge
+from behemoth_interp.probe import LatentKnowledge, ProbeResult, latent_knowledge, probe
 from behemoth_interp.residual.neighbourhood import neighbourhood_scores
 from behemoth_interp.residual.relearn import RelearnConfig, RelearnResult, relearn
 from behemoth_interp.restore import SETTINGS, KRSResult, restore
@@ -140,6 +141,14 @@ class ResidualKnowledge:
         return fig
 
 
+def unedited_probes(model, task: EditTask, seed: int = 0) -> ProbeResult:
+    """Probes of the unedited `model` (a HookedTransformer of the task's world) for the
+    battery's latent knowledge: on every subject for a forget task, holding out the edited
+    subjects otherwise (their new objects must not be what the probes learned)."""
+    exclude = () if task.kind == "forget" else task.facts[:, 0]
+    return probe(model, task.relation, exclude=exclude, seed=seed)
+
+
 def _mean_or_none(values) -> float | None:
     return None if any(v is None for v in values) else float(np.mean(values))
 
@@ -153,16 +162,22 @@ def residual_knowledge(
     probes: ProbeResult | None = None,
     settings: dict[str, Any] | None = None,
     config: BatteryConfig = BatteryConfig(),
+    baseline: EditBaseline | None = None,
+    scores: FactScores | None = None,
 ) -> ResidualKnowledge:
     """Run the battery on `edited`, an edit of `task` of the unedited model `before` (both HF
     models of the task's world). `oracle` (`bi.oracle`) adds the distance to it and is the
-    relearning attack's never-knew baseline; `probes` (`bi.probe` on `before`) add latent
-    knowledge; `settings` (the edit's, e.g. `EditResult.report.settings`) name its method.
+    relearning attack's never-knew baseline; `probes` (`bi.probe` on `before`, e.g.
+    `unedited_probes`) add latent knowledge; `settings` (the edit's, e.g.
+    `EditResult.report.settings`) name its method. `baseline` (`edit_baseline(before, task,
+    max_remaining=config.max_remaining, seed=config.seed)`) and `scores` (a `FactScores` of
+    `edited`) let a caller that already computed them (a sweep worker) skip recomputing them.
     Returns a `ResidualKnowledge`."""
     w, seed = task.world, config.seed
     undefined: dict[str, str] = {}
     report = evaluate_edit(edited, task, before=before, oracle=oracle, settings=settings,
-                           max_remaining=config.max_remaining, seed=seed)  # fmt: skip
+                           max_remaining=config.max_remaining, seed=seed, baseline=baseline,
+                           scores=scores)  # fmt: skip
     near = neighbourhood_scores(edited, task, before=before, limit=config.neighbours, seed=seed)
     if near.empty:
         undefined["neighbourhood"] = "the edit has no untouched facts near it"

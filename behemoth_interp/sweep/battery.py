@@ -84,19 +84,27 @@ def run_oracle(model: str, task, cache: str | None) -> dict[str, Any] | None:
     return {"path": str(path), "sha256": weights_sha256(path)}
 
 
-def run_battery(result, task, before, spec: dict[str, Any], seed: int, probes=None) -> dict:
+def battery_config(spec: dict[str, Any], seed: int) -> BatteryConfig:
+    """The `BatteryConfig` of a run's battery dict (`BatterySpec.to_dict()` with the oracle
+    resolved), seeded with the run's seed."""
+    d = {k: v for k, v in spec.items() if k not in ("oracle", "probes")}
+    return dataclasses.replace(BatteryConfig.from_dict(d), seed=seed)
+
+
+def run_battery(result, task, before, spec: dict[str, Any], seed: int, probes=None,
+                baseline=None, scores=None) -> dict:  # fmt: skip
     """The battery of one edited model (`result`, an `EditResult` of `task` on `before`) under
-    `spec` (a run's battery dict: `BatterySpec.to_dict()` with the oracle resolved): its rows
-    (`ResidualKnowledge.to_dataframe()`) and the parts left undefined, with why."""
+    `spec` (a run's battery dict): its rows (`ResidualKnowledge.to_dataframe()`) and the parts
+    left undefined, with why. `probes`, `baseline` and `scores` are the worker's, shared with
+    its other runs and with the run's own report (see `residual_knowledge`)."""
     from behemoth_interp.model import load_hf
 
-    d = dict(spec)
-    found = d.pop("oracle")
-    d.pop("probes")
-    config = dataclasses.replace(BatteryConfig.from_dict(d), seed=seed)
+    found = spec["oracle"]
     truth = load_hf(Path(found["path"]))[0] if found and "path" in found else None
     battery = residual_knowledge(result.model, task, before=before, oracle=truth, probes=probes,
-                                 settings=result.report.settings, config=config)  # fmt: skip
+                                 settings=result.report.settings,
+                                 config=battery_config(spec, seed), baseline=baseline,
+                                 scores=scores)  # fmt: skip
     undefined = dict(battery.undefined)
     if found and "missing" in found:
         undefined["oracle"] = (f"no trained oracle of this task in {found['missing']}: train it "

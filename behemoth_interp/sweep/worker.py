@@ -23,9 +23,9 @@ from behemoth_interp.edit.search import training_scores
 from behemoth_interp.edit.tasks import EditTask
 from behemoth_interp.evaluate import FactScores
 from behemoth_interp.model import hooked_in_world, load_hf
-from behemoth_interp.probe import probe
 from behemoth_interp.rank import move_rank
-from behemoth_interp.sweep.battery import run_battery
+from behemoth_interp.residual import unedited_probes
+from behemoth_interp.sweep.battery import battery_config, run_battery
 from behemoth_interp.sweep.retention import run_retention
 from behemoth_interp.sweep.runs import Run, check_weights, task_of
 
@@ -63,7 +63,7 @@ class Worker:
         clock = time.perf_counter()
         hf, world = self._model(run)
         task = task_of(run, world)
-        baseline = self._baseline(hf, task, run)
+        baseline = self._baseline(hf, task, run, run.max_remaining)
         timings["setup_s"] = time.perf_counter() - clock
         config = get_method(run.method).Config.from_dict(run.config)
         clock = time.perf_counter()
@@ -101,7 +101,12 @@ class Worker:
         if run.battery is not None:
             clock = time.perf_counter()
             probes = self._probes(hf, world, task, run) if run.battery["probes"] else None
-            battery = jsonable(run_battery(result, task, hf, run.battery, run.seed, probes))
+            # the unedited side at the battery's own sample size, and the edited model's ranks
+            # from the run's report: computed once, not again inside the battery
+            config = battery_config(run.battery, run.seed)
+            before = self._baseline(hf, task, run, config.max_remaining)
+            battery = jsonable(run_battery(result, task, hf, run.battery, run.seed, probes,
+                                           before, scores))  # fmt: skip
             timings["battery_s"] = time.perf_counter() - clock
         return {"report": jsonable(report.to_dict()), "train": train, "move_rank": ranks,
                 "retention": kept, "battery": battery}  # fmt: skip
@@ -114,21 +119,19 @@ class Worker:
         return self._models[run.model]
 
     def _probes(self, hf, world, task: EditTask, run: Run):
-        """Probes of the unedited model for the battery's latent knowledge, fitted once per
-        model, relation, seed and held-out subjects (an override's edited ones, as the CLI)."""
-        exclude = () if task.kind == "forget" else task.facts[:, 0]
-        key = (run.model_sha256, task.relation, run.seed, np.asarray(exclude).tobytes())
+        """`unedited_probes` for the battery's latent knowledge, fitted once per model, task
+        and seed."""
+        key = (run.model_sha256, task.kind, task.relation, task.facts.tobytes(), run.seed)
         if key not in self._fitted:
-            self._fitted[key] = probe(hooked_in_world(hf, world), task.relation,
-                                      exclude=exclude, seed=run.seed)  # fmt: skip
+            self._fitted[key] = unedited_probes(hooked_in_world(hf, world), task, run.seed)
         return self._fitted[key]
 
-    def _baseline(self, hf, task: EditTask, run: Run):
+    def _baseline(self, hf, task: EditTask, run: Run, size: int | None):
+        """`edit_baseline` of the run's task with `size` unchanged tuples, computed once."""
         key = (run.model_sha256, task.kind, task.seed, task.facts.tobytes(),
-               task.targets.tobytes(), run.max_remaining, run.seed)  # fmt: skip
+               task.targets.tobytes(), size, run.seed)  # fmt: skip
         if key not in self._baselines:
-            self._baselines[key] = edit_baseline(hf, task, max_remaining=run.max_remaining,
-                                                 seed=run.seed)  # fmt: skip
+            self._baselines[key] = edit_baseline(hf, task, max_remaining=size, seed=run.seed)
         return self._baselines[key]
 
 
